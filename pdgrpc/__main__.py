@@ -1,0 +1,5 @@
+import sys
+
+from pdgrpc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,67 @@
+"""`pdgrpc coordinator`: the cluster's entry point, configured by the cluster TOML file."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+
+import grpc
+
+from pdgrpc import config as cfgmod
+from pdgrpc import metrics, sdnotify
+from pdgrpc.coordinator.pool import NodePool
+from pdgrpc.coordinator.router import Router
+from pdgrpc.coordinator.servicer import CoordinatorServicer, register
+from pdgrpc.grpcutil import SERVER_OPTIONS, add_health_and_reflection, set_serving, wait_for_stop_signal
+from pdgrpc.kvstore.client import KVStoreClient
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", required=True, help="cluster TOML file (see deploy/local.toml)")
+    parser.add_argument("--port-base", type=int, default=None, help="fill unset ports from this base")
+    parser.add_argument("--grace-s", type=float, default=30.0, help="drain time on SIGTERM")
+    parser.add_argument("--store-token", default=os.environ.get("PDGRPC_STORE_TOKEN", ""))
+    parser.add_argument("--log-level", default="info")
+
+
+async def serve(cluster: cfgmod.ClusterConfig, grace_s: float, store_token: str) -> int:
+    c = cluster.coordinator
+    pool = NodePool(cluster.by_role("prefill") + cluster.by_role("decode"), c.health_interval_s)
+    store = KVStoreClient(cluster.store_address, token=store_token or None)
+    router = Router(pool, store, c.max_inflight)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    name = register(server, CoordinatorServicer(router, cluster.store_address))
+    health = add_health_and_reflection(server, [name])
+    await set_serving(health, [name], False)
+    if server.add_insecure_port(f"{c.host}:{c.port}") == 0:
+        log.error("cannot bind %s:%d", c.host, c.port)
+        return 1
+    await server.start()
+    metrics.serve_metrics(c.host, c.metrics_port)
+    await pool.start()
+    # Serving as soon as the coordinator itself works: requests get UNAVAILABLE until nodes are up.
+    await set_serving(health, [name], True)
+    print(f"coordinator coordinator listening on {c.host}:{c.port} metrics {c.host}:{c.metrics_port}", flush=True)
+    sdnotify.notify("READY=1")
+    await wait_for_stop_signal()
+    sdnotify.notify("STOPPING=1")
+    await set_serving(health, [name], False)
+    await server.stop(grace_s)
+    await pool.close()
+    await store.close()
+    return 0
+
+
+def main(args) -> int:
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s coordinator %(levelname)s %(name)s: %(message)s")
+    try:
+        cluster = cfgmod.load(args.config, args.port_base)
+    except cfgmod.ConfigError as exc:
+        print(f"pdgrpc coordinator: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(serve(cluster, args.grace_s, args.store_token))

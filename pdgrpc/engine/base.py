@@ -1,0 +1,118 @@
+"""The engine interface shared by prefill and decode nodes.
+
+An engine owns the model and its tokenizer; nodes own scheduling, the store and gRPC. All engine
+methods are synchronous and are called from one worker thread per node, so an engine needs no
+locks and may block on compute.
+
+Protocol, in call order:
+
+Prefill node, per batch of requests (``PrefillScheduler`` forms the batch):
+  1. ``tokenize(prompt)``                     -> prompt token ids (node checks limits)
+  2. ``prefill(works)``                       -> iterator of ``(index, KVGroup)`` as each layer group
+                                                 is computed, then ``(index, SampledToken)`` per work
+     The node publishes each KVGroup to the store while the engine computes the next one.
+     ``work.cancelled`` is checked between groups; a cancelled work yields nothing more.
+
+Decode node, per request (``DecodeScheduler`` runs the continuous batch):
+  1. ``begin_sequence(work)``                 -> an engine-owned sequence state
+  2. ``load_kv(seq, group)``                  once per KV group, any order, as descriptors arrive
+  3. ``start_decoding(seq, first_token)``     after the last group: cache complete
+  4. ``decode_step(seqs)``                    -> one SampledToken per sequence; sequences join and
+                                                 leave the batch between steps
+  5. ``free_sequence(seq)``                   on finish, cancel or error (always called)
+
+Colocated mode runs both halves in one process with the KV handed over in memory.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from pdgrpc.types import ModelSpec, Prompt, SamplingParams
+
+
+@dataclass(frozen=True)
+class KVGroup:
+    """KV of layers [layer_start, layer_end) for tokens [token_start, token_end).
+
+    ``data`` is laid out as [layer][k|v][kv_head][token][dim] in the model's KV dtype.
+    """
+
+    layer_start: int
+    layer_end: int
+    token_start: int
+    token_end: int
+    data: bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    token_id: int
+    logprob: float = 0.0
+
+
+@dataclass
+class PrefillWork:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class DecodeWork:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+
+
+class Tokenizer(abc.ABC):
+    """Text <-> token ids for one model."""
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]: ...
+
+    @abc.abstractmethod
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]: ...
+
+    @abc.abstractmethod
+    def decode(self, token_ids: list[int]) -> str: ...
+
+
+class Engine(abc.ABC):
+    """A model that can prefill, decode, or both (colocated)."""
+
+    spec: ModelSpec
+    tokenizer: Tokenizer
+
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        if prompt.token_ids is not None:
+            return list(prompt.token_ids)
+        if prompt.chat is not None:
+            return self.tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in prompt.chat])
+        assert prompt.text is not None
+        return self.tokenizer.encode(prompt.text)
+
+    def warm_up(self) -> None:
+        """Run once at start so the first request does not pay one-off costs."""
+
+    @abc.abstractmethod
+    def prefill(self, works: list[PrefillWork]) -> Iterator[tuple[int, KVGroup | SampledToken]]: ...
+
+    @abc.abstractmethod
+    def begin_sequence(self, work: DecodeWork) -> Any: ...
+
+    @abc.abstractmethod
+    def load_kv(self, seq: Any, group: KVGroup) -> None: ...
+
+    @abc.abstractmethod
+    def start_decoding(self, seq: Any, first_token_id: int) -> None: ...
+
+    @abc.abstractmethod
+    def decode_step(self, seqs: list[Any]) -> list[SampledToken]: ...
+
+    @abc.abstractmethod
+    def free_sequence(self, seq: Any) -> None: ...

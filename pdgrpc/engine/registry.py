@@ -1,0 +1,43 @@
+"""Engines by name, so nodes and the launcher pick one with `--engine NAME`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pdgrpc.engine.base import Engine
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """What a node knows about the engine it should build (validated by the engine)."""
+
+    name: str = "mock"
+    model: str = ""          # model folder or name; engine-specific default when empty
+    device: str = "cpu"
+    dtype: str = ""          # engine default when empty
+    threads: int = 0         # 0: one per CPU the process may run on
+    mock_prefill_cost_per_token_s: float = 0.0
+    mock_decode_cost_per_step_s: float = 0.0
+    mock_layers_per_group: int = 6
+
+
+ENGINES = ("mock", "torch", "vllm")
+
+
+def build_engine(opts: EngineOptions) -> Engine:
+    if opts.name == "mock":
+        from pdgrpc.engine.mock import MockEngine, MockEngineConfig
+
+        return MockEngine(MockEngineConfig(
+            dtype=opts.dtype or "float32",
+            layers_per_group=opts.mock_layers_per_group,
+            prefill_cost_per_token_s=opts.mock_prefill_cost_per_token_s,
+            decode_cost_per_step_s=opts.mock_decode_cost_per_step_s,
+        ))
+    if opts.name == "torch":
+        from pdgrpc.engine.torch_engine import build_torch_engine
+
+        return build_torch_engine(opts)
+    if opts.name == "vllm":
+        raise ValueError("the vllm engine is not available yet")
+    raise ValueError(f"unknown engine {opts.name!r}; choose one of {ENGINES}")

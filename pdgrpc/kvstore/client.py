@@ -1,0 +1,266 @@
+"""Async client of the pdgrpc KV store, used by every node to publish and fetch KV bytes.
+
+Data paths (the store's protocol is listed in ``pdgrpc.kvstore.server``):
+  * same host (``use_shm``): ``put`` writes a /dev/shm segment and asks the store to adopt it
+    (POST /v1/kv/{key}/shm); ``get(shm_name=...)`` reads the segment directly, no HTTP at all;
+  * otherwise: raw bytes over HTTP (PUT / GET /v1/kv/{key}), crc32 in X-Checksum-Crc32.
+The crc32 is computed once, by the writer; readers verify it (DataLoss on mismatch).
+
+Errors are pdgrpc.errors: 507 -> ResourceExhausted, 404 -> NotFound, 400/409/413 -> InvalidArgument,
+401 -> FailedPrecondition, no answer at all -> Unavailable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import socket
+import zlib
+from dataclasses import dataclass
+from urllib.parse import quote
+
+import aiohttp
+import yarl
+
+from pdgrpc.errors import (DataLoss, FailedPrecondition, InvalidArgument, NotFound, PdgrpcError,
+                           ResourceExhausted, Unavailable, error_for)
+from pdgrpc.kvstore import shm
+
+_BIG = 8 << 20  # above this, checksums and segment I/O run in a thread so the caller's loop stays live
+
+
+@dataclass(frozen=True)
+class PutResult:
+    key: str
+    size: int
+    crc32: int
+    location: str
+    lease_expiry_unix: float
+    shm_name: str  # "" unless the bytes went through a shared-memory segment
+
+
+async def _maybe_thread(fn, *args, size: int):
+    return await asyncio.to_thread(fn, *args) if size > _BIG else fn(*args)
+
+
+def _is_local_host(host: str) -> bool:
+    """Whether ``host`` names this machine (loopback, our hostname, or one of our addresses).
+    Blocking name lookups: call it in a thread."""
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return True
+    except ValueError:
+        if host == "localhost":
+            return True
+    names = {socket.gethostname(), socket.getfqdn()}
+    if host in names:
+        return True
+    try:
+        mine = {a for n in names for a in socket.gethostbyname_ex(n)[2]}
+        theirs = set(socket.gethostbyname_ex(host)[2])
+    except OSError:
+        return False
+    return bool(mine & theirs)
+
+
+class KVStoreClient:
+    def __init__(self, address: str, *, token: str | None = None, use_shm: bool | None = None,
+                 timeout_s: float = 30.0) -> None:
+        address = address.strip().removeprefix("http://").rstrip("/")
+        if not address or address.startswith(":") or ":" not in address:
+            raise InvalidArgument(f"kv store address {address!r} must be host:port")
+        self.address = address
+        self._base = f"http://{address}"
+        self._host = address.rsplit(":", 1)[0].strip("[]")
+        self._token = token
+        self._use_shm = use_shm
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> KVStoreClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    # ---- public API --------------------------------------------------------------------------
+
+    async def put(self, key: str, data: bytes | bytearray | memoryview, *, owner: str, lease_s: float,
+                  location: str = "dram") -> PutResult:
+        try:
+            view = memoryview(data).cast("B")
+        except TypeError as exc:
+            raise InvalidArgument(f"put {key!r}: data must be a contiguous bytes-like buffer ({exc})") from None
+        size = view.nbytes
+        crc = await _maybe_thread(zlib.crc32, view, size=size)
+        if await self.shm_enabled():
+            return await self._put_shm(key, view, crc, owner=owner, lease_s=lease_s, location=location)
+        params = {"owner": owner, "lease_s": repr(float(lease_s)), "location": location}
+        body = await self._request("PUT", self._kv_url(key), params=params, data=view,
+                                   headers={"X-Checksum-Crc32": str(crc),
+                                            "Content-Type": "application/octet-stream"})
+        return self._put_result(body, shm_name="")
+
+    async def _put_shm(self, key: str, view: memoryview, crc: int, *, owner: str, lease_s: float,
+                       location: str) -> PutResult:
+        name = shm.new_segment_name()
+        try:
+            await _maybe_thread(shm.create_segment, name, view, size=view.nbytes)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.ENOMEM):
+                raise ResourceExhausted(f"put {key!r}: /dev/shm is full ({view.nbytes} bytes): {exc}") from None
+            raise FailedPrecondition(f"put {key!r}: cannot create shm segment {name}: {exc}") from None
+        adopted = False
+        try:
+            body = await self._request("POST", self._kv_url(key, "/shm"), json={
+                "shm_name": name, "size": view.nbytes, "crc32": crc, "owner": owner,
+                "lease_s": lease_s, "location": location})
+            adopted = True
+            return self._put_result(body, shm_name=name)
+        finally:
+            # Refused (or no answer): the segment is still ours, so remove it rather than leak RAM.
+            # On a timeout the store may have adopted it after all; its reads then report the
+            # segment gone, which is better than a leak nobody owns.
+            if not adopted:
+                shm.unlink_segment(name)
+
+    async def get(self, key: str, *, shm_name: str = "", size: int | None = None,
+                  crc32: int | None = None) -> bytearray:
+        if shm_name:
+            try:
+                actual = shm.segment_size(shm_name)
+            except NotFound:
+                raise NotFound(f"key {key!r}: shm segment {shm_name} is gone (released or expired)") from None
+            if size is not None and actual != size:
+                raise DataLoss(f"key {key!r}: shm segment {shm_name} holds {actual} bytes, expected {size}")
+            buf = await _maybe_thread(shm.read_segment, shm_name, actual, size=actual)
+            header_crc = None
+        else:
+            buf, header_crc = await self._get_bytes(key)
+        if size is not None and len(buf) != size:
+            raise DataLoss(f"key {key!r}: got {len(buf)} bytes, expected {size}")
+        expected = crc32 if crc32 is not None else header_crc
+        if expected is not None:
+            actual_crc = await _maybe_thread(zlib.crc32, buf, size=len(buf))
+            if actual_crc != expected:
+                raise DataLoss(f"key {key!r}: crc32 {actual_crc} does not match the expected {expected}")
+            if header_crc is not None and header_crc != expected:
+                raise DataLoss(f"key {key!r}: store holds crc32 {header_crc}, the descriptor says {expected}")
+        return buf
+
+    async def release(self, key: str) -> bool:
+        try:
+            await self._request("DELETE", f"{self._base}/release/{quote(key, safe='')}")
+            return True
+        except NotFound:
+            return False
+
+    async def release_owner(self, owner: str) -> int:
+        body = await self._request("DELETE", f"{self._base}/v1/owner/{quote(owner, safe='')}")
+        return int(body["released"])
+
+    async def renew(self, owner: str, lease_s: float) -> int:
+        body = await self._request("POST", f"{self._base}/v1/lease/renew", json={"owner": owner, "lease_s": lease_s})
+        return int(body["renewed"])
+
+    async def stats(self) -> dict:
+        return (await self._request("GET", f"{self._base}/stats"))["stats"]
+
+    async def health(self) -> bool:
+        try:
+            body = await self._request("GET", f"{self._base}/health")
+        except PdgrpcError:
+            return False
+        return isinstance(body, dict) and body.get("status") == "ok"
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def shm_enabled(self) -> bool:
+        """Resolve use_shm=None once: same host as the store and /dev/shm present."""
+        if self._use_shm is None:
+            self._use_shm = shm.shm_available() and await asyncio.to_thread(_is_local_host, self._host)
+        return self._use_shm
+
+    # ---- plumbing ------------------------------------------------------------------------------
+
+    def _kv_url(self, key: str, suffix: str = "") -> str:
+        return f"{self._base}/v1/kv/{quote(key, safe='')}{suffix}"
+
+    def _put_result(self, body: dict, *, shm_name: str) -> PutResult:
+        return PutResult(key=body["key"], size=int(body["size"]), crc32=int(body["crc32"]),
+                         location=body["location"], lease_expiry_unix=float(body["lease_expiry_unix"]),
+                         shm_name=shm_name)
+
+    def _client_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            headers = {"Authorization": f"Bearer {self._token}"} if self._token else None
+            self._session = aiohttp.ClientSession(timeout=self._timeout, headers=headers)
+        return self._session
+
+    async def _request(self, method: str, url: str, **kwargs) -> dict:
+        session = self._client_session()
+        try:
+            # encoded=True: the key is already percent-quoted; yarl must not re-quote it.
+            async with session.request(method, yarl.URL(url, encoded=True), **kwargs) as resp:
+                if resp.status >= 400:
+                    raise await self._error(resp)
+                return await resp.json(content_type=None)
+        except PdgrpcError:
+            raise
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise Unavailable(f"kv store {self.address} unreachable: {exc!r}") from None
+
+    async def _get_bytes(self, key: str) -> tuple[bytearray, int | None]:
+        session = self._client_session()
+        try:
+            async with session.get(yarl.URL(self._kv_url(key), encoded=True)) as resp:
+                if resp.status >= 400:
+                    raise await self._error(resp)
+                header = resp.headers.get("X-Checksum-Crc32")
+                ok = header is not None and header.isascii() and header.isdigit() and len(header) <= 10
+                crc = int(header) if ok else None
+                if resp.content_length is None:
+                    return bytearray(await resp.read()), crc
+                # One preallocated buffer filled chunk by chunk: no second full-size copy.
+                buf = bytearray(resp.content_length)
+                pos = 0
+                async for chunk in resp.content.iter_any():
+                    end = pos + len(chunk)
+                    if end > len(buf):
+                        raise DataLoss(f"key {key!r}: store sent more than its Content-Length")
+                    buf[pos:end] = chunk
+                    pos = end
+                if pos != len(buf):
+                    raise DataLoss(f"key {key!r}: store sent {pos} of {len(buf)} bytes")
+                return buf, crc
+        except PdgrpcError:
+            raise
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise Unavailable(f"kv store {self.address} unreachable: {exc!r}") from None
+
+    async def _error(self, resp: aiohttp.ClientResponse) -> PdgrpcError:
+        code = None
+        try:
+            body = await resp.json(content_type=None)
+            message, code = str(body["error"]), body.get("code")
+        except (ValueError, KeyError, TypeError, aiohttp.ClientError):
+            message = (await resp.text(errors="replace"))[:500]
+        message = f"kv store {self.address}: {message}"
+        status = resp.status
+        if status == 507:
+            return ResourceExhausted(message)
+        if status == 404:
+            return NotFound(message)
+        if status in (400, 409, 413):
+            return InvalidArgument(message)
+        if status == 401:
+            return FailedPrecondition(f"kv store {self.address} rejected the token")
+        if status == 500 and code == "DATA_LOSS":  # e.g. an adopted segment was truncated
+            return DataLoss(message)
+        if status >= 500:
+            return Unavailable(f"{message} (HTTP {status})")
+        return error_for(code, message) if isinstance(code, str) else InvalidArgument(f"{message} (HTTP {status})")

@@ -1,0 +1,131 @@
+"""POSIX shared-memory segments as plain files under /dev/shm (the same-host zero-copy KV path).
+
+A writer creates ``/dev/shm/pdgrpc-<name>``, fills it and hands the *name* to the store, which adopts
+it (``POST /v1/kv/{key}/shm``) and unlinks it on release, lease expiry or shutdown. A reader on the
+same host opens the file by name: the KV bytes never pass through the store process or a socket.
+
+Why files and not ``multiprocessing.shared_memory``: its resource tracker unlinks every segment a
+process created when that process exits, which would delete KV the store now owns.
+
+Every function validates the name first (``SHM_NAME_RE``), so a name taken from the network can
+never reach outside /dev/shm (no '/', no '..', fixed prefix).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+import uuid
+
+from pdgrpc.errors import DataLoss, InvalidArgument, NotFound
+
+SHM_DIR = "/dev/shm"
+SHM_PREFIX = "pdgrpc-"
+SHM_NAME_RE = re.compile(r"^pdgrpc-[A-Za-z0-9_-]{1,64}$")
+
+# os.write/readinto may move less than asked; cap each call so huge buffers don't hit platform limits.
+_IO_CHUNK = 1 << 30
+
+
+def shm_available() -> bool:
+    """Whether this host has a /dev/shm directory we could use."""
+    return os.path.isdir(SHM_DIR)
+
+
+def validate_name(name: object) -> str:
+    """Return ``name`` if it is a valid segment name, else raise InvalidArgument."""
+    if not isinstance(name, str) or not SHM_NAME_RE.fullmatch(name):
+        raise InvalidArgument(
+            f"invalid shm segment name {name!r}: must match {SHM_NAME_RE.pattern}")
+    return name
+
+
+def segment_path(name: str) -> str:
+    return os.path.join(SHM_DIR, validate_name(name))
+
+
+def new_segment_name() -> str:
+    """A fresh, unguessable segment name."""
+    return SHM_PREFIX + uuid.uuid4().hex
+
+
+def create_segment(name: str, data: bytes | bytearray | memoryview) -> int:
+    """Create the segment exclusively (mode 0600) and write ``data`` into it; return its size.
+
+    O_EXCL: never write into a segment somebody else created (or a symlink planted there).
+    On any failure the partial segment is removed.
+    """
+    path = segment_path(name)
+    view = memoryview(data).cast("B")
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    try:
+        try:
+            written = 0
+            total = view.nbytes
+            while written < total:
+                written += os.write(fd, view[written:written + _IO_CHUNK])
+        finally:
+            os.close(fd)
+    except BaseException:
+        unlink_segment(name)
+        raise
+    return total
+
+
+def segment_size(name: str) -> int:
+    """Size in bytes of an existing regular-file segment; NotFound if missing, InvalidArgument if
+    the name exists but is not a regular file (e.g. a symlink)."""
+    path = segment_path(name)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise NotFound(f"shm segment {name} does not exist") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidArgument(f"shm segment {name} is not a regular file")
+    return st.st_size
+
+
+def read_segment(name: str, size: int | None = None) -> bytearray:
+    """Read a whole segment into a new bytearray of exactly ``size`` bytes (its file size if None).
+
+    Raises NotFound if the segment is missing, DataLoss if it does not hold ``size`` bytes (somebody
+    truncated or replaced it after it was published).
+    """
+    path = segment_path(name)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        raise NotFound(f"shm segment {name} does not exist") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InvalidArgument(f"shm segment {name} is not a regular file") from None
+        raise
+    try:
+        actual = os.fstat(fd).st_size
+        if size is None:
+            size = actual
+        elif actual != size:
+            raise DataLoss(f"shm segment {name} holds {actual} bytes, expected {size}")
+        buf = bytearray(size)
+        view = memoryview(buf)
+        pos = 0
+        with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
+            while pos < size:
+                n = f.readinto(view[pos:pos + _IO_CHUNK])
+                if not n:
+                    raise DataLoss(f"shm segment {name} shrank while reading ({pos} of {size} bytes)")
+                pos += n
+        return buf
+    finally:
+        os.close(fd)
+
+
+def unlink_segment(name: str) -> bool:
+    """Remove a segment; True if it existed. A missing segment is not an error."""
+    try:
+        os.unlink(segment_path(name))
+        return True
+    except FileNotFoundError:
+        return False

@@ -1,0 +1,226 @@
+"""`pdgrpc up`: a whole local cluster as separate OS processes, stopped together.
+
+Order: store, then prefill and decode nodes, then the coordinator. Each process prints
+``<role> <name> listening on HOST:PORT metrics HOST:PORT`` once it is ready. When every one is
+ready the launcher prints where the coordinator is. Ctrl-C or SIGTERM stops the coordinator first
+(no new requests), then the nodes (they drain), then the store. A child that dies takes the
+cluster down with a non-zero exit, so a broken cluster is never left half up.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pdgrpc import config as cfgmod
+from pdgrpc.engine.registry import EngineOptions
+
+_PR_SET_PDEATHSIG = 1
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", default=None, help="cluster TOML file (e.g. deploy/local.toml)")
+    parser.add_argument("--prefill", type=int, default=1, help="prefill nodes (without --config)")
+    parser.add_argument("--decode", type=int, default=1, help="decode nodes (without --config)")
+    parser.add_argument("--engine", default="mock", help="mock, torch or vllm (without --config)")
+    parser.add_argument("--model", default="", help="model folder (engine default when empty)")
+    parser.add_argument("--port-base", type=int, default=None,
+                        help=f"coordinator port; others follow it (default {cfgmod.DEFAULT_PORT_BASE})")
+    parser.add_argument("--store-max-memory", default=None, help="store capacity, e.g. 2GB")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin nodes to CPUs")
+    parser.add_argument("--ready-timeout-s", type=float, default=300.0, help="how long to wait for every process")
+    parser.add_argument("--node-arg", action="append", default=[],
+                        help="extra argument passed to every prefill/decode node (repeatable)")
+
+
+def cluster_from_args(args) -> cfgmod.ClusterConfig:
+    if args.config:
+        cluster = cfgmod.load(args.config, args.port_base)
+    else:
+        if args.prefill < 1 or args.decode < 1:
+            raise cfgmod.ConfigError("--prefill and --decode must be >= 1")
+        raw = {
+            "defaults": {"engine": args.engine, **({"model": args.model} if args.model else {})},
+            "prefill": [{} for _ in range(args.prefill)],
+            "decode": [{} for _ in range(args.decode)],
+        }
+        cluster = cfgmod.from_dict(raw, args.port_base)
+    if args.store_max_memory:
+        cluster = dataclasses.replace(cluster, store=dataclasses.replace(cluster.store,
+                                                                         max_memory=args.store_max_memory))
+    if not args.no_pin:
+        cluster = auto_pin(cluster)
+    return cluster.validate()
+
+
+def auto_pin(cluster: cfgmod.ClusterConfig) -> cfgmod.ClusterConfig:
+    """One core per node where there are enough cores; explicit `cpus` in the config always win."""
+    cores = sorted(os.sched_getaffinity(0))
+    nodes = cluster.nodes
+    if any(n.cpus for n in nodes) or len(nodes) > len(cores):
+        return cluster
+    return dataclasses.replace(cluster, nodes=tuple(dataclasses.replace(n, cpus=(cores[i],))
+                                                    for i, n in enumerate(nodes)))
+
+
+def write_toml(cluster: cfgmod.ClusterConfig, path: str) -> None:
+    """The resolved config, for the coordinator (ports and nodes exactly as launched)."""
+    def val(v):
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (tuple, list)):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        return repr(v)
+
+    lines = ["[store]"] + [f"{k} = {val(v)}" for k, v in dataclasses.asdict(cluster.store).items()]
+    lines += ["", "[coordinator]"] + [f"{k} = {val(v)}" for k, v in dataclasses.asdict(cluster.coordinator).items()]
+    for n in cluster.nodes:
+        lines += ["", f"[[{n.role}]]", f"name = {val(n.name)}", f"host = {val(n.host)}", f"port = {n.port}",
+                  f"metrics_port = {n.metrics_port}", f"engine = {val(n.engine.name)}"]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def node_command(n: cfgmod.NodeSection, cluster: cfgmod.ClusterConfig, extra: list[str]) -> list[str]:
+    e: EngineOptions = n.engine
+    cmd = [sys.executable, "-m", "pdgrpc", n.role, "--name", n.name, "--host", n.host, "--port", str(n.port),
+           "--metrics-port", str(n.metrics_port), "--store", cluster.store_address, "--engine", e.name,
+           "--device", e.device, "--max-requests", str(n.max_requests), "--max-batch", str(n.max_batch),
+           "--mock-prefill-cost-per-token-s", str(e.mock_prefill_cost_per_token_s),
+           "--mock-decode-cost-per-step-s", str(e.mock_decode_cost_per_step_s),
+           "--mock-layers-per-group", str(e.mock_layers_per_group)]
+    if e.model:
+        cmd += ["--model", e.model]
+    if e.dtype:
+        cmd += ["--dtype", e.dtype]
+    if e.threads:
+        cmd += ["--threads", str(e.threads)]
+    if n.cpus:
+        cmd += ["--cpus", ",".join(map(str, n.cpus))]
+    return cmd + extra
+
+
+def _die_with_parent() -> None:
+    # If the launcher is killed outright, its children must not linger holding ports and memory.
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _grpc_ready(address: str) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+        except grpc.RpcError:
+            return False
+    return resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _http_ready(address: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{address}/health", timeout=1.0) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+class Cluster:
+    """The running processes, in start order."""
+
+    def __init__(self) -> None:
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
+        self.procs.append((name, proc))
+        return proc
+
+    def wait_ready(self, name: str, proc: subprocess.Popen, check, address: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with status {proc.returncode} before it was ready")
+            if check(address):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"{name} not ready at {address} after {timeout_s:.0f}s")
+
+    def dead(self) -> list[str]:
+        return [f"{name} (exit {p.returncode})" for name, p in self.procs if p.poll() is not None]
+
+    def stop(self, grace_s: float = 40.0) -> None:
+        # Coordinator first, store last: reverse start order.
+        for name, proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=grace_s)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def main(args) -> int:
+    try:
+        cluster = cluster_from_args(args)
+    except cfgmod.ConfigError as exc:
+        print(f"pdgrpc up: {exc}", file=sys.stderr)
+        return 2
+    stop_requested = False
+
+    def on_signal(signum, frame) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    procs = Cluster()
+    tmpdir = tempfile.mkdtemp(prefix="pdgrpc-up-")
+    config_path = os.path.join(tmpdir, "cluster.toml")
+    write_toml(cluster, config_path)
+    rc = 0
+    try:
+        s = cluster.store
+        store = procs.start("store", [sys.executable, "-m", "pdgrpc", "kvstore", "--host", s.host, "--port",
+                                      str(s.port), "--max-memory", s.max_memory])
+        procs.wait_ready("store", store, _http_ready, cluster.store_address, args.ready_timeout_s)
+        started = [(n, procs.start(n.name, node_command(n, cluster, args.node_arg))) for n in cluster.nodes]
+        for n, proc in started:
+            procs.wait_ready(n.name, proc, _grpc_ready, n.address, args.ready_timeout_s)
+        coord = procs.start("coordinator", [sys.executable, "-m", "pdgrpc", "coordinator", "--config", config_path])
+        procs.wait_ready("coordinator", coord, _grpc_ready, cluster.coordinator_address, args.ready_timeout_s)
+        print(f"cluster ready: {len(cluster.by_role('prefill'))} prefill + {len(cluster.by_role('decode'))} decode; "
+              f"try: pdgrpc generate --coordinator {cluster.coordinator_address} \"Hello\"", flush=True)
+        while True:
+            dead = procs.dead()
+            if dead:
+                print(f"pdgrpc up: {', '.join(dead)} stopped; taking the cluster down", file=sys.stderr)
+                rc = 1
+                break
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    except RuntimeError as exc:
+        print(f"pdgrpc up: {exc}", file=sys.stderr)
+        rc = 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        procs.stop()
+        try:
+            os.unlink(config_path)
+            os.rmdir(tmpdir)
+        except OSError:
+            pass
+    print("cluster stopped", flush=True)
+    return rc

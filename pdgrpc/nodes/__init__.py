@@ -1,0 +1,1 @@
+"""Prefill and decode nodes: scheduling, the store hand-off, and their gRPC servers."""

@@ -1,0 +1,216 @@
+"""The decode node's work, free of gRPC: fetch KV by descriptor, load it, decode in a batch.
+
+Per request (``DecodeService.decode``), inputs in order: ``DecodeStart``, any number of
+``KVDescriptor`` (fetched concurrently as they arrive, each answered with ``KVLoaded`` once its
+bytes are checked and in the cache, then released from the store), ``DecodeKVDone`` with the
+first token. Then the sequence joins the continuous batch and tokens stream out until it
+finishes. Descriptors are checked before anything is fetched: right request, right model
+fingerprint and geometry, this node's store, sizes that match the layout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from pdgrpc import metrics
+from pdgrpc.engine.base import DecodeWork, Engine, KVGroup
+from pdgrpc.engine.output import OutputTracker
+from pdgrpc.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, PdgrpcError, ResourceExhausted
+from pdgrpc.kvstore.client import KVStoreClient
+from pdgrpc.kvstore.shm import SHM_NAME_RE
+from pdgrpc.nodes.decode_scheduler import DecodeScheduler
+from pdgrpc.nodes.engine_thread import EngineThread
+from pdgrpc.nodes.prefill_service import validate_prompt_ids
+from pdgrpc.types import (
+    REQUEST_ID_RE, DecodeEvent, DecodeFinished, DecodeInput, DecodeKVDone, DecodeStart, KVDescriptor, KVLoaded,
+)
+
+log = logging.getLogger(__name__)
+MAX_KV_GROUPS = 1024
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_requests: int = 64
+    max_batch: int = 32
+
+
+class _KVComplete:
+    def __init__(self, first_token_id: int) -> None:
+        self.first_token_id = first_token_id
+
+
+class DecodeService:
+    def __init__(self, node: str, engine: Engine, thread: EngineThread, store: KVStoreClient,
+                 limits: DecodeLimits) -> None:
+        self.node = node
+        self.engine = engine
+        self.thread = thread
+        self.store = store
+        self.limits = limits
+        self.scheduler = DecodeScheduler(node, engine, thread, limits.max_batch)
+        self.requests = 0
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    async def stop(self) -> None:
+        await self.scheduler.stop()
+
+    def _check_start(self, start: DecodeStart) -> None:
+        spec = self.engine.spec
+        if not REQUEST_ID_RE.match(start.request_id):
+            raise InvalidArgument("request_id must be 1-64 of letters, digits, '-', '_', '.'")
+        if start.model_fingerprint != spec.fingerprint:
+            raise FailedPrecondition(
+                f"KV was computed by model {start.model_fingerprint!r}; this node serves {spec.fingerprint!r}")
+        start.sampling.validate(spec.max_model_len, spec.vocab_size)
+        validate_prompt_ids(list(start.prompt_token_ids), spec, start.sampling.max_tokens)
+
+    def _check_descriptor(self, d: KVDescriptor, start: DecodeStart, seen: set[int]) -> None:
+        spec = self.engine.spec
+        lay = d.layout
+        if d.request_id != start.request_id:
+            raise InvalidArgument(f"descriptor of request {d.request_id!r} on the stream of {start.request_id!r}")
+        if not d.key:
+            raise InvalidArgument("descriptor has no key")
+        if d.store_address != self.store.address:
+            raise FailedPrecondition(f"descriptor names store {d.store_address!r}; this node uses {self.store.address}")
+        if lay.model_fingerprint != spec.fingerprint:
+            raise FailedPrecondition(
+                f"descriptor {d.key!r} is from model {lay.model_fingerprint!r}; this node serves {spec.fingerprint!r}")
+        if (lay.dtype, lay.num_kv_heads, lay.head_dim) != (spec.dtype, spec.num_kv_heads, spec.head_dim):
+            raise FailedPrecondition(f"descriptor {d.key!r} layout {lay.dtype}/{lay.num_kv_heads}x{lay.head_dim} "
+                                     f"does not match the model's {spec.dtype}/{spec.num_kv_heads}x{spec.head_dim}")
+        if lay.block_layout != "layer,kv,head,token,dim":
+            raise FailedPrecondition(f"descriptor {d.key!r}: block layout {lay.block_layout!r} is not supported")
+        if not 0 <= lay.layer_start < lay.layer_end <= spec.num_layers:
+            raise InvalidArgument(f"descriptor {d.key!r}: layers [{lay.layer_start}, {lay.layer_end}) "
+                                  f"outside [0, {spec.num_layers})")
+        if (lay.token_start, lay.token_end) != (0, len(start.prompt_token_ids)):
+            raise InvalidArgument(f"descriptor {d.key!r}: tokens [{lay.token_start}, {lay.token_end}) "
+                                  f"do not cover the prompt's {len(start.prompt_token_ids)}")
+        expected = spec.kv_bytes(lay.layer_end - lay.layer_start, lay.token_end - lay.token_start)
+        if d.size_bytes != expected:
+            raise InvalidArgument(f"descriptor {d.key!r}: size {d.size_bytes} bytes, layout needs {expected}")
+        if d.location != "dram":
+            raise FailedPrecondition(f"descriptor {d.key!r}: location {d.location} is not readable by this node")
+        if d.shm_name and not SHM_NAME_RE.match(d.shm_name):
+            raise InvalidArgument(f"descriptor {d.key!r}: shared-memory name {d.shm_name!r} is not a pdgrpc segment")
+        if d.group_index in seen or not 0 <= d.group_index < MAX_KV_GROUPS:
+            raise InvalidArgument(f"descriptor {d.key!r}: group_index {d.group_index} repeated or out of range")
+        seen.add(d.group_index)
+
+    async def decode(self, inputs: AsyncIterator[DecodeInput]) -> AsyncIterator[DecodeEvent]:
+        first = await anext(inputs, None)
+        if not isinstance(first, DecodeStart):
+            raise InvalidArgument("the first decode message must be a DecodeStart")
+        self._check_start(first)
+        if self.requests >= self.limits.max_requests:
+            raise ResourceExhausted(f"decode node {self.node} is full ({self.limits.max_requests} requests)",
+                                    retry_after_s=0.5)
+        self.requests += 1
+        metrics.NODE_RUNNING.labels("decode", self.node).set(self.requests)
+        ids = list(first.prompt_token_ids)
+        seq = await self.thread.call(self.engine.begin_sequence, DecodeWork(first.request_id, ids, first.sampling))
+        events: asyncio.Queue = asyncio.Queue()
+        unreleased: set[str] = set()
+        reader = asyncio.create_task(self._read_inputs(inputs, first, seq, events, unreleased))
+        entry = None
+        try:
+            while True:
+                ev = await events.get()
+                if isinstance(ev, BaseException):
+                    raise ev
+                if isinstance(ev, _KVComplete):
+                    break
+                yield ev
+            await self.thread.call(self.engine.start_decoding, seq, ev.first_token_id)
+            tracker = OutputTracker(self.engine.tokenizer, ids, first.sampling, self.engine.spec.eos_token_ids)
+            _, reason = tracker.add(ev.first_token_id)  # prefill already sent its text
+            if reason is not None:
+                yield DecodeFinished(reason, 1)
+                return
+            entry = self.scheduler.add(seq, tracker)
+            while True:
+                item = await entry.out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                token, reason = item
+                yield token
+                if reason is not None:
+                    yield DecodeFinished(reason, len(tracker.token_ids))
+                    return
+        finally:
+            reader.cancel()
+            with contextlib.suppress(BaseException):
+                await reader
+            if entry is not None:
+                self.scheduler.remove(entry)
+            self.requests -= 1
+            metrics.NODE_RUNNING.labels("decode", self.node).set(self.requests)
+            await self.thread.call(self.engine.free_sequence, seq)
+            for key in list(unreleased):
+                with contextlib.suppress(PdgrpcError):
+                    await self.store.release(key)
+
+    async def _read_inputs(self, inputs: AsyncIterator[DecodeInput], start: DecodeStart, seq: object,
+                           events: asyncio.Queue, unreleased: set[str]) -> None:
+        """Fetch each descriptor as it arrives; report _KVComplete once all are loaded."""
+        fetches: list[asyncio.Task] = []
+        seen: set[int] = set()
+        try:
+            async for msg in inputs:
+                if isinstance(msg, KVDescriptor):
+                    self._check_descriptor(msg, start, seen)
+                    unreleased.add(msg.key)
+                    fetches.append(asyncio.create_task(self._fetch(msg, seq, events, unreleased)))
+                elif isinstance(msg, DecodeKVDone):
+                    await asyncio.gather(*fetches)
+                    self._check_complete(msg, seen)
+                    events.put_nowait(_KVComplete(msg.first_token_id))
+                    return
+                else:
+                    raise InvalidArgument("DecodeStart sent twice")
+            raise InvalidArgument("decode stream ended before DecodeKVDone")
+        except BaseException as exc:
+            for f in fetches:
+                f.cancel()
+            if not isinstance(exc, asyncio.CancelledError):
+                events.put_nowait(exc)
+            raise
+
+    def _check_complete(self, done: DecodeKVDone, seen: set[int]) -> None:
+        if done.kv_groups != len(seen) or seen != set(range(len(seen))):
+            raise InvalidArgument(f"DecodeKVDone says {done.kv_groups} KV groups; received {sorted(seen)}")
+        if not 0 <= done.first_token_id < self.engine.spec.vocab_size:
+            raise InvalidArgument(f"first token id {done.first_token_id} outside the vocabulary")
+
+    async def _fetch(self, d: KVDescriptor, seq: object, events: asyncio.Queue, unreleased: set[str]) -> None:
+        t0 = time.monotonic()
+        try:
+            data = await self.store.get(d.key, shm_name=d.shm_name, size=d.size_bytes, crc32=d.crc32)
+        except NotFound:
+            metrics.KV_TRANSFER_FAILURES.labels("decode", "not_found").inc()
+            raise NotFound(f"KV key {d.key!r} not found in store {self.store.address}") from None
+        except DataLoss:
+            metrics.KV_TRANSFER_FAILURES.labels("decode", "checksum").inc()
+            raise
+        except PdgrpcError:
+            metrics.KV_TRANSFER_FAILURES.labels("decode", "store").inc()
+            raise
+        lay = d.layout
+        await self.thread.call(self.engine.load_kv, seq,
+                               KVGroup(lay.layer_start, lay.layer_end, lay.token_start, lay.token_end, data))
+        metrics.KV_TRANSFER.labels("decode", "fetch").observe(time.monotonic() - t0)
+        metrics.KV_TRANSFER_BYTES.labels("decode", "fetch").inc(d.size_bytes)
+        # Loaded into our cache: the store's copy has served its purpose.
+        with contextlib.suppress(PdgrpcError):
+            await self.store.release(d.key)
+        unreleased.discard(d.key)
+        events.put_nowait(KVLoaded(d.group_index, d.size_bytes))

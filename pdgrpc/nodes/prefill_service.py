@@ -1,0 +1,198 @@
+"""The prefill node's work, free of gRPC: admit, tokenize, batch, compute, publish KV.
+
+Per request (``PrefillService.prefill``), in order:
+  1. validate and tokenize; yield ``PrefillStarted`` with the prompt's token ids
+  2. queue the work; the scheduler batches queued prompts up to a token budget and runs the engine
+  3. for each KV group the engine yields: put it in the store (owner = request id, with a lease)
+     and yield its ``KVDescriptor`` at once, while the engine computes the next group
+  4. yield ``PrefillDone`` with the first token
+If the caller goes away (cancel, deadline), the work is flagged so the engine stops between groups,
+and the KV this request published is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from pdgrpc import metrics
+from pdgrpc.engine.base import Engine, KVGroup, PrefillWork, SampledToken
+from pdgrpc.engine.output import OutputTracker
+from pdgrpc.errors import Internal, InvalidArgument, PdgrpcError, ResourceExhausted
+from pdgrpc.kvstore.client import KVStoreClient
+from pdgrpc.nodes.engine_thread import EngineThread
+from pdgrpc.types import (
+    REQUEST_ID_RE, FinishReason, KVDescriptor, KVLayout, ModelSpec, PrefillDone, PrefillEvent, PrefillRequest,
+    PrefillStarted,
+)
+
+log = logging.getLogger(__name__)
+MAX_LEASE_S = 600.0
+
+
+@dataclass(frozen=True)
+class PrefillLimits:
+    max_requests: int = 64          # running + queued; more is RESOURCE_EXHAUSTED
+    batch_token_budget: int = 4096  # prompt tokens per engine batch
+    kv_lease_s: float = 60.0        # default lease of published KV
+
+
+@dataclass
+class _Pending:
+    work: PrefillWork
+    out: asyncio.Queue
+
+
+def validate_prompt_ids(ids: list[int], spec: ModelSpec, max_tokens: int) -> None:
+    if not ids:
+        raise InvalidArgument("prompt has no tokens")
+    bad = next((t for t in ids if not 0 <= t < spec.vocab_size), None)
+    if bad is not None:
+        raise InvalidArgument(f"prompt token id {bad} outside the vocabulary [0, {spec.vocab_size})")
+    if len(ids) + max_tokens > spec.max_model_len:
+        raise InvalidArgument(
+            f"prompt of {len(ids)} tokens plus max_tokens {max_tokens} exceeds the model limit {spec.max_model_len}")
+
+
+class PrefillService:
+    def __init__(self, node: str, engine: Engine, thread: EngineThread, store: KVStoreClient,
+                 limits: PrefillLimits) -> None:
+        self.node = node
+        self.engine = engine
+        self.thread = thread
+        self.store = store
+        self.limits = limits
+        self._queue: list[_Pending] = []
+        self._wakeup = asyncio.Event()
+        self.running = 0
+        self._task: asyncio.Task | None = None
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._schedule(), name="prefill-scheduler")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+
+    def _gauges(self) -> None:
+        metrics.NODE_QUEUE_DEPTH.labels("prefill", self.node).set(len(self._queue))
+        metrics.NODE_RUNNING.labels("prefill", self.node).set(self.running)
+
+    async def prefill(self, req: PrefillRequest) -> AsyncIterator[PrefillEvent]:
+        spec = self.engine.spec
+        if not REQUEST_ID_RE.match(req.request_id):
+            raise InvalidArgument("request_id must be 1-64 of letters, digits, '-', '_', '.'")
+        req.prompt.validate()
+        req.sampling.validate(spec.max_model_len, spec.vocab_size)
+        if req.kv_lease_seconds < 0 or req.kv_lease_seconds > MAX_LEASE_S:
+            raise InvalidArgument(f"kv_lease_seconds must be in [0, {MAX_LEASE_S}]")
+        if self.running + len(self._queue) >= self.limits.max_requests:
+            raise ResourceExhausted(f"prefill node {self.node} is full ({self.limits.max_requests} requests)",
+                                    retry_after_s=0.5)
+        ids = await self.thread.call(self.engine.tokenize, req.prompt)
+        validate_prompt_ids(ids, spec, req.sampling.max_tokens)
+        yield PrefillStarted(tuple(ids), spec)
+
+        lease_s = req.kv_lease_seconds or self.limits.kv_lease_s
+        pending = _Pending(PrefillWork(req.request_id, ids, req.sampling), asyncio.Queue())
+        self._queue.append(pending)
+        self._gauges()
+        self._wakeup.set()
+        published: list[str] = []
+        finished = False
+        try:
+            while True:
+                item = await pending.out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, KVGroup):
+                    desc = await self._publish(req.request_id, len(published), item, lease_s)
+                    published.append(desc.key)
+                    yield desc
+                    continue
+                assert isinstance(item, SampledToken)
+                tracker = OutputTracker(self.engine.tokenizer, ids, req.sampling, spec.eos_token_ids)
+                text, reason = tracker.add(item.token_id)
+                finished = True
+                yield PrefillDone(item.token_id, text, item.logprob, len(published),
+                                  reason or FinishReason.UNSPECIFIED)
+                return
+        finally:
+            pending.work.cancelled.set()
+            if pending in self._queue:
+                self._queue.remove(pending)
+                self._gauges()
+            if not finished and published:
+                # Nobody will fetch these: free them now rather than at lease expiry.
+                asyncio.get_running_loop().create_task(self._release(published))
+
+    async def _publish(self, request_id: str, index: int, group: KVGroup, lease_s: float) -> KVDescriptor:
+        spec = self.engine.spec
+        t0 = time.monotonic()
+        key = f"{request_id}.g{index}"
+        put = await self.store.put(key, group.data, owner=request_id, lease_s=lease_s)
+        metrics.KV_TRANSFER.labels("prefill", "publish").observe(time.monotonic() - t0)
+        metrics.KV_TRANSFER_BYTES.labels("prefill", "publish").inc(put.size)
+        return KVDescriptor(
+            request_id=request_id, store_address=self.store.address, key=key, location=put.location,
+            layout=KVLayout(spec.fingerprint, spec.dtype, group.layer_start, group.layer_end, group.token_start,
+                            group.token_end, spec.num_kv_heads, spec.head_dim),
+            size_bytes=put.size, crc32=put.crc32, lease_expiry_unix=put.lease_expiry_unix, shm_name=put.shm_name,
+            group_index=index,
+        )
+
+    async def _release(self, keys: list[str]) -> None:
+        for key in keys:
+            try:
+                await self.store.release(key)
+            except PdgrpcError as exc:  # the lease reclaims it later
+                log.warning("could not release %s: %s", key, exc)
+
+    async def _schedule(self) -> None:
+        """Form batches of queued prompts up to the token budget and run them, one batch at a time."""
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._queue:
+                batch: list[_Pending] = []
+                tokens = 0
+                while self._queue:
+                    nxt = self._queue[0]
+                    n = len(nxt.work.prompt_token_ids)
+                    if batch and tokens + n > self.limits.batch_token_budget:
+                        break
+                    batch.append(self._queue.pop(0))
+                    tokens += n
+                batch = [p for p in batch if not p.work.cancelled.is_set()]
+                if batch:
+                    await self._run_batch(batch)
+
+    async def _run_batch(self, batch: list[_Pending]) -> None:
+        self.running = len(batch)
+        self._gauges()
+        metrics.NODE_BATCH_SIZE.labels("prefill", self.node).observe(len(batch))
+        t0 = time.monotonic()
+        done: set[int] = set()
+        try:
+            works = [p.work for p in batch]
+            async for index, item in self.thread.iterate(lambda: self.engine.prefill(works)):
+                batch[index].out.put_nowait(item)
+                if isinstance(item, SampledToken):
+                    done.add(index)
+        except Exception as exc:  # engine failure: every unfinished request in the batch gets it
+            log.exception("prefill batch failed")
+            for i, p in enumerate(batch):
+                if i not in done:
+                    p.out.put_nowait(exc if isinstance(exc, PdgrpcError) else
+                                     Internal(f"prefill engine failed: {type(exc).__name__}: {exc}"))
+        finally:
+            metrics.NODE_STEP_TIME.labels("prefill", self.node).observe(time.monotonic() - t0)
+            self.running = 0
+            self._gauges()

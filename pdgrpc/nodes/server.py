@@ -1,0 +1,172 @@
+"""Runs one prefill or decode node: gRPC server, health, metrics, engine, graceful stop.
+
+Start-up order matters to operators: the port is bound and health answers NOT_SERVING first, the
+model loads and warms up, then health turns SERVING, systemd gets READY=1 and the node prints
+``<role> <name> listening on HOST:PORT metrics HOST:PORT``. On SIGTERM it turns NOT_SERVING,
+refuses new calls, and lets running requests finish within ``grace_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from pdgrpc import metrics, sdnotify
+from pdgrpc.engine.registry import EngineOptions, build_engine
+from pdgrpc.errors import Unavailable
+from pdgrpc.grpcutil import SERVER_OPTIONS, add_health_and_reflection, set_serving, wait_for_stop_signal
+from pdgrpc.kvstore.client import KVStoreClient
+from pdgrpc.nodes.decode_service import DecodeLimits, DecodeService
+from pdgrpc.nodes.engine_thread import EngineThread
+from pdgrpc.nodes.prefill_service import PrefillLimits, PrefillService
+from pdgrpc.nodes.servicers import DecodeServicer, PrefillServicer, register
+from pdgrpc.types import NodeInfo, Role
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    role: Role
+    name: str
+    host: str = "127.0.0.1"
+    port: int = 50061
+    metrics_port: int = 0            # 0: no metrics endpoint
+    store: str = "127.0.0.1:9015"
+    store_token: str = ""
+    engine: EngineOptions = field(default_factory=EngineOptions)
+    cpus: tuple[int, ...] = ()
+    max_requests: int = 64
+    max_batch: int = 32
+    batch_token_budget: int = 4096
+    kv_lease_s: float = 60.0
+    grace_s: float = 30.0
+
+    def validate(self) -> "NodeConfig":
+        if not 0 < self.port < 65536 or not 0 <= self.metrics_port < 65536:
+            raise ValueError("ports must be in 1-65535")
+        if self.max_requests <= 0 or self.max_batch <= 0 or self.batch_token_budget <= 0:
+            raise ValueError("max_requests, max_batch and batch_token_budget must be > 0")
+        if self.kv_lease_s <= 0 or self.grace_s < 0:
+            raise ValueError("kv_lease_s must be > 0 and grace_s >= 0")
+        return self
+
+
+def pin_cpus(cpus: tuple[int, ...]) -> None:
+    if cpus:
+        os.sched_setaffinity(0, set(cpus))
+
+
+async def serve_node(cfg: NodeConfig) -> int:
+    pin_cpus(cfg.cpus)
+    role = cfg.role.value
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    service = None
+
+    def info() -> NodeInfo:
+        if service is None:
+            raise Unavailable(f"{role} node {cfg.name} is loading its model")
+        running = service.running if isinstance(service, PrefillService) else getattr(service, "requests", 0)
+        queued = service.queued if isinstance(service, PrefillService) else 0
+        return NodeInfo(cfg.name, cfg.role, engine.spec, running, queued, cfg.max_requests)
+
+    servicer = PrefillServicer(info) if cfg.role is Role.PREFILL else DecodeServicer(info)
+    service_name = register(server, servicer)
+    health = add_health_and_reflection(server, [service_name])
+    await set_serving(health, [service_name], False)
+    bound = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    if bound == 0:
+        log.error("cannot bind %s:%d", cfg.host, cfg.port)
+        return 1
+    await server.start()
+    if cfg.metrics_port:
+        metrics.serve_metrics(cfg.host, cfg.metrics_port)
+
+    t0 = time.monotonic()
+    engine = await asyncio.to_thread(build_engine, cfg.engine)
+    thread = EngineThread(f"{role}-engine")
+    await thread.call(engine.warm_up)
+    store = KVStoreClient(cfg.store, token=cfg.store_token or None)
+    if cfg.role is Role.PREFILL:
+        service = PrefillService(cfg.name, engine, thread, store,
+                                 PrefillLimits(cfg.max_requests, cfg.batch_token_budget, cfg.kv_lease_s))
+    else:
+        service = DecodeService(cfg.name, engine, thread, store, DecodeLimits(cfg.max_requests, cfg.max_batch))
+    service.start()
+    servicer.service = service
+    await set_serving(health, [service_name], True)
+    log.info("%s %s ready in %.1fs (model %s)", role, cfg.name, time.monotonic() - t0, engine.spec.name)
+    metrics_text = f"{cfg.host}:{cfg.metrics_port}" if cfg.metrics_port else "-"
+    print(f"{role} {cfg.name} listening on {cfg.host}:{cfg.port} metrics {metrics_text}", flush=True)
+    sdnotify.notify("READY=1")
+
+    await wait_for_stop_signal()
+    log.info("%s %s draining (grace %.0fs)", role, cfg.name, cfg.grace_s)
+    sdnotify.notify("STOPPING=1")
+    await set_serving(health, [service_name], False)
+    await server.stop(cfg.grace_s)
+    await service.stop()
+    await store.close()
+    thread.shutdown()
+    return 0
+
+
+def add_node_arguments(parser, role: Role) -> None:
+    default_port = 50061 if role is Role.PREFILL else 50071
+    parser.add_argument("--name", default=f"{role.value}-0", help="node name, as in the cluster config")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=default_port, help="gRPC port")
+    parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
+    parser.add_argument("--store", default="127.0.0.1:9015", help="KV store HOST:PORT")
+    parser.add_argument("--store-token", default=os.environ.get("PDGRPC_STORE_TOKEN", ""),
+                        help="shared token of the store (default $PDGRPC_STORE_TOKEN)")
+    parser.add_argument("--engine", default="mock", help="mock, torch or vllm")
+    parser.add_argument("--model", default="", help="model folder (engine default when empty)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    parser.add_argument("--dtype", default="", help="KV/model dtype (engine default when empty)")
+    parser.add_argument("--threads", type=int, default=0, help="engine threads (0: one per allowed CPU)")
+    parser.add_argument("--cpus", default="", help="CPU affinity, e.g. 0,1 or 2-5")
+    parser.add_argument("--max-requests", type=int, default=64, help="admitted requests (running + queued)")
+    parser.add_argument("--max-batch", type=int, default=32, help="decode: sequences per step")
+    parser.add_argument("--batch-token-budget", type=int, default=4096, help="prefill: prompt tokens per batch")
+    parser.add_argument("--kv-lease-s", type=float, default=60.0, help="lease of published KV entries")
+    parser.add_argument("--grace-s", type=float, default=30.0, help="drain time on SIGTERM")
+    parser.add_argument("--mock-prefill-cost-per-token-s", type=float, default=0.0)
+    parser.add_argument("--mock-decode-cost-per-step-s", type=float, default=0.0)
+    parser.add_argument("--mock-layers-per-group", type=int, default=6)
+    parser.add_argument("--log-level", default="info")
+
+
+def parse_cpus(text: str) -> tuple[int, ...]:
+    out: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return tuple(out)
+
+
+def run_node(args, role: Role) -> int:
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format=f"%(asctime)s {role.value}[{args.name}] %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = NodeConfig(
+            role=role, name=args.name, host=args.host, port=args.port, metrics_port=args.metrics_port,
+            store=args.store, store_token=args.store_token,
+            engine=EngineOptions(
+                name=args.engine, model=args.model, device=args.device, dtype=args.dtype, threads=args.threads,
+                mock_prefill_cost_per_token_s=args.mock_prefill_cost_per_token_s,
+                mock_decode_cost_per_step_s=args.mock_decode_cost_per_step_s,
+                mock_layers_per_group=args.mock_layers_per_group),
+            cpus=parse_cpus(args.cpus), max_requests=args.max_requests, max_batch=args.max_batch,
+            batch_token_budget=args.batch_token_budget, kv_lease_s=args.kv_lease_s, grace_s=args.grace_s,
+        ).validate()
+    except ValueError as exc:
+        print(f"pdgrpc {role.value}: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(serve_node(cfg))

@@ -1,0 +1,174 @@
+"""Test fixtures: real processes on free ports, torn down after each test."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_port_base() -> int:
+    """A base whose derived ports (see pdgrpc.config) are all free."""
+    for _ in range(200):
+        base = random.randrange(20000, 38000, 100)
+        ports = [base, base + 1] + list(range(base + 10, base + 20)) + list(range(base + 40, base + 50))
+        if all(_port_free(p) and _port_free(p + 1000) for p in ports):
+            return base
+    raise RuntimeError("no free port range")
+
+
+class Proc:
+    """A child process whose output is collected in the background."""
+
+    def __init__(self, cmd: list[str], env: dict | None = None) -> None:
+        self.cmd = cmd
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                                     env={**os.environ, **(env or {})}, start_new_session=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for_line(self, prefix: str, timeout_s: float = 60.0) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for line in self.lines:
+                if line.startswith(prefix):
+                    return line
+            if self.proc.poll() is not None:
+                time.sleep(0.2)
+                raise RuntimeError(f"{self.cmd[3:5]} exited {self.proc.returncode}:\n" + "\n".join(self.lines[-40:]))
+            time.sleep(0.05)
+        raise TimeoutError(f"no line {prefix!r} from {self.cmd}:\n" + "\n".join(self.lines[-40:]))
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout_s: float = 20.0) -> int:
+        self.signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait()
+
+
+def pdgrpc_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pdgrpc", *args]
+
+
+def http_json(url: str, timeout_s: float = 5.0):
+    import json
+
+    with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+        return json.loads(resp.read())
+
+
+def wait_until(pred, timeout_s: float = 10.0, interval_s: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(interval_s)
+    return pred()
+
+
+@dataclass
+class LocalCluster:
+    """Store, nodes and coordinator started one by one, so tests can kill any of them."""
+
+    base: int
+    procs: dict[str, Proc] = field(default_factory=dict)
+
+    @property
+    def coordinator(self) -> str:
+        return f"127.0.0.1:{self.base}"
+
+    @property
+    def store(self) -> str:
+        return f"127.0.0.1:{self.base + 1}"
+
+    def store_stats(self) -> dict:
+        return http_json(f"http://{self.store}/stats")["stats"]
+
+    def stop(self) -> None:
+        for name in reversed(list(self.procs)):
+            self.procs[name].stop()
+
+
+@pytest.fixture
+def local_cluster(tmp_path):
+    """Factory: local_cluster(prefill=1, decode=1, node_args=[...]) -> LocalCluster (stopped after the test)."""
+    from pdgrpc import config as cfgmod
+    from pdgrpc.launcher import node_command, write_toml
+
+    made: list[LocalCluster] = []
+
+    def make(prefill: int = 1, decode: int = 1, node_args: tuple[str, ...] = (), store_memory: str = "256MB",
+             decode_args: tuple[str, ...] = (), prefill_args: tuple[str, ...] = ()) -> LocalCluster:
+        base = free_port_base()
+        cfg = cfgmod.from_dict({"prefill": [{}] * prefill, "decode": [{}] * decode,
+                                "coordinator": {"health_interval_s": 0.5}}, base)
+        path = tmp_path / f"cluster-{base}.toml"
+        write_toml(cfg, str(path))
+        lc = LocalCluster(base)
+        made.append(lc)
+        lc.procs["store"] = Proc(pdgrpc_cmd("kvstore", "--port", str(base + 1), "--max-memory", store_memory))
+        lc.procs["store"].wait_for_line("kvstore ")
+        for n in cfg.nodes:
+            extra = list(node_args) + list(decode_args if n.role == "decode" else prefill_args)
+            lc.procs[n.name] = Proc(node_command(n, cfg, extra))
+        for n in cfg.nodes:
+            lc.procs[n.name].wait_for_line(f"{n.role} {n.name} listening")
+        lc.procs["coordinator"] = Proc(pdgrpc_cmd("coordinator", "--config", str(path), "--grace-s", "2"))
+        lc.procs["coordinator"].wait_for_line("coordinator coordinator listening")
+        return lc
+
+    yield make
+    for lc in made:
+        lc.stop()
+
+
+def mock_reference(prompt: str, max_tokens: int, **sampling) -> tuple[list[int], str]:
+    """What the mock engine generates colocated, in this process."""
+    from pdgrpc.engine.colocated import generate_colocated
+    from pdgrpc.engine.mock import MockEngine
+    from pdgrpc.types import SamplingParams
+
+    engine = MockEngine()
+    ids, text, _ = generate_colocated(engine, engine.tokenizer.encode(prompt),
+                                      SamplingParams(max_tokens=max_tokens, **sampling))
+    return ids, text

@@ -1,0 +1,198 @@
+"""End to end over real processes: the launcher, generation through P:D clusters, streaming overlap,
+cancellation, and a killed node."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import Proc, free_port_base, http_json, mock_reference, pdgrpc_cmd, wait_until
+from pdgrpc.client import Client
+from pdgrpc.errors import Cancelled, DeadlineExceeded, Unavailable
+from pdgrpc.types import GenerateDelta, GenerateFinal, NodeHealth
+
+pytestmark = pytest.mark.e2e
+
+PROMPTS = ["Hello there", "x", "The quick brown fox jumps over the lazy dog. " * 20, "Ünïcödé ✓ prompt"]
+
+
+def test_up_1x1_and_generate_cli_as_a_newcomer_would():
+    base = free_port_base()
+    up = Proc(pdgrpc_cmd("up", "--prefill", "1", "--decode", "1", "--port-base", str(base)))
+    try:
+        up.wait_for_line("cluster ready", timeout_s=60)
+        listening = [line for line in up.lines if " listening on " in line]
+        roles = sorted(line.split()[0] for line in listening)
+        assert roles == ["coordinator", "decode", "kvstore", "prefill"]
+        assert all(" metrics 127.0.0.1:" in line for line in listening)
+        out = subprocess.run(pdgrpc_cmd("generate", "--coordinator", f"127.0.0.1:{base}", "--max-tokens", "24",
+                                        "--json", "Hello there"), capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        text, final_line = out.stdout.rsplit("\n", 2)[0], out.stdout.strip().splitlines()[-1]
+        assert text == mock_reference("Hello there", 24)[1]
+        final = json.loads(final_line)
+        assert final["finish_reason"] == "length" and final["completion_tokens"] == 24
+        assert final["timings"]["first_token_seconds"] > 0 and final["timings"]["kv_groups"] == 5
+    finally:
+        up.signal(signal.SIGTERM)
+        assert up.proc.wait(timeout=60) == 0
+    assert "cluster stopped" in up.lines[-1]
+
+
+def test_up_from_config_file_2x3_serves_concurrent_requests(tmp_path):
+    base = free_port_base()
+    config = tmp_path / "cluster.toml"
+    config.write_text(f"""
+port_base = {base}
+[store]
+max_memory = "512MB"
+[defaults]
+engine = "mock"
+mock_decode_cost_per_step_s = 0.01
+[[prefill]]
+name = "p0"
+[[prefill]]
+name = "p1"
+[[decode]]
+name = "d0"
+[[decode]]
+name = "d1"
+[[decode]]
+name = "d2"
+""")
+    up = Proc(pdgrpc_cmd("up", "--config", str(config)))
+    try:
+        up.wait_for_line("cluster ready", timeout_s=60)
+        with Client(f"127.0.0.1:{base}") as client:
+            status = client.cluster_status()
+            assert sorted(n.name for n in status.nodes) == ["d0", "d1", "d2", "p0", "p1"]
+            assert all(n.health is NodeHealth.SERVING for n in status.nodes)
+            jobs = [(p, 16 + i) for i, p in enumerate(PROMPTS * 3)]
+            with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+                results = list(pool.map(lambda j: client.complete(j[0], max_tokens=j[1]), jobs))
+        for (prompt, n), res in zip(jobs, results):
+            ids, text = mock_reference(prompt, n)
+            assert list(res.token_ids) == ids and res.text == text
+        assert len({r.final.decode_node for r in results}) >= 2
+        assert len({r.final.prefill_node for r in results}) == 2
+        stats = http_json(f"http://127.0.0.1:{base + 1}/stats")["stats"]
+        assert stats["total_keys"] == 0
+    finally:
+        up.stop(timeout_s=60)
+
+
+def test_descriptors_reach_decode_before_prefill_finishes(local_cluster):
+    # 300 prompt tokens at 2 ms each: about 120 ms per layer group, 5 groups.
+    lc = local_cluster(prefill_args=("--mock-prefill-cost-per-token-s", "0.002"))
+    prompt = "overlap " * 37
+    with Client(lc.coordinator) as client:
+        res = client.complete(prompt, max_tokens=8)
+    assert res.final.timings.kv_groups == 5
+    assert res.final.timings.kv_groups_loaded_before_prefill_done >= 3
+    assert res.text == mock_reference(prompt, 8)[1]
+
+
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_cancelled_stream_leaves_the_store_empty(local_cluster, phase):
+    lc = local_cluster(prefill_args=("--mock-prefill-cost-per-token-s", "0.004"),
+                       decode_args=("--mock-decode-cost-per-step-s", "0.05"))
+    if phase == "decode":
+        with Client(lc.coordinator) as client:
+            stream = client.generate("cancel me " * 30, max_tokens=500)
+            for i, _ in enumerate(stream):
+                if i == 3:
+                    break
+            stream.close()  # cancels the call
+    else:
+        import grpc
+
+        from pdgrpc import convert
+        from pdgrpc.client import build_request
+        from pdgrpc.v1 import coordinator_pb2_grpc
+
+        with grpc.insecure_channel(lc.coordinator) as ch:
+            call = coordinator_pb2_grpc.CoordinatorStub(ch).Generate(
+                convert.generate_request_to_pb(build_request("cancel me " * 30, max_tokens=500)), timeout=30)
+            # Leave while prefill is still publishing groups.
+            assert wait_until(lambda: lc.store_stats()["total_keys"] > 0, 10, 0.01)
+            call.cancel()
+    assert wait_until(lambda: lc.store_stats()["total_keys"] == 0, 10)
+    # Nothing died, and the cluster still answers.
+    with Client(lc.coordinator) as client:
+        assert client.complete("still alive", max_tokens=4).final.completion_tokens == 4
+    assert all(p.alive() for p in lc.procs.values())
+
+
+def test_deadline_reaches_the_client_and_frees_kv(local_cluster):
+    lc = local_cluster(decode_args=("--mock-decode-cost-per-step-s", "0.05"))
+    with Client(lc.coordinator) as client:
+        with pytest.raises(DeadlineExceeded):
+            client.complete("slow", max_tokens=200, timeout_s=0.6)
+    assert wait_until(lambda: lc.store_stats()["total_keys"] == 0, 10)
+
+
+def test_killed_decode_node_gives_unavailable_within_seconds(local_cluster):
+    lc = local_cluster()
+    with Client(lc.coordinator) as client:
+        assert client.complete("before", max_tokens=4).final.completion_tokens == 4
+        lc.procs["decode-0"].signal(signal.SIGKILL)
+        lc.procs["decode-0"].proc.wait(timeout=5)
+        t0 = time.monotonic()
+        with pytest.raises(Unavailable):
+            client.complete("after", max_tokens=4, timeout_s=30)
+        assert time.monotonic() - t0 < 5
+        # The coordinator notices on its own too.
+        assert wait_until(lambda: any(n.name == "decode-0" and n.health is NodeHealth.UNREACHABLE
+                                      for n in client.cluster_status().nodes), 5)
+    assert wait_until(lambda: lc.store_stats()["total_keys"] == 0, 10)
+
+
+def test_killed_prefill_node_gives_unavailable(local_cluster):
+    lc = local_cluster()
+    lc.procs["prefill-0"].signal(signal.SIGKILL)
+    lc.procs["prefill-0"].proc.wait(timeout=5)
+    with Client(lc.coordinator) as client:
+        t0 = time.monotonic()
+        with pytest.raises(Unavailable):
+            client.complete("x", max_tokens=4, timeout_s=30)
+        assert time.monotonic() - t0 < 5
+
+
+def test_async_client_streams_deltas_then_final(local_cluster):
+    import asyncio
+
+    from pdgrpc.client import AsyncClient
+
+    lc = local_cluster()
+
+    async def run():
+        async with AsyncClient(lc.coordinator) as client:
+            events = [e async for e in client.generate("async", max_tokens=10)]
+            return events
+
+    events = asyncio.run(run())
+    assert all(isinstance(e, GenerateDelta) for e in events[:-1]) and isinstance(events[-1], GenerateFinal)
+    assert "".join(e.text for e in events[:-1]) == mock_reference("async", 10)[1]
+
+
+def test_nodes_serve_health_and_reflection(local_cluster):
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    lc = local_cluster()
+    for port, service in ((lc.base, "pdgrpc.v1.Coordinator"), (lc.base + 10, "pdgrpc.v1.Prefill"),
+                          (lc.base + 40, "pdgrpc.v1.Decode")):
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+            stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+            answers = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+            names = [s.name for a in answers for s in a.list_services_response.service]
+            assert service in names and "grpc.health.v1.Health" in names

@@ -1,0 +1,128 @@
+"""Fast unit tests: no processes, no sockets."""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import re
+
+import pytest
+
+from pdgrpc import config as cfgmod
+from pdgrpc import convert
+from pdgrpc import types as t
+from pdgrpc.engine.colocated import generate_colocated
+from pdgrpc.engine.detok import IncrementalDetokenizer, StopChecker
+from pdgrpc.engine.mock import MockEngine, MockEngineConfig
+from pdgrpc.errors import InvalidArgument
+
+pytestmark = pytest.mark.fast
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_detokenizer_holds_back_incomplete_characters():
+    engine = MockEngine()
+    tok = engine.tokenizer
+    ids = tok.encode("héllo wörld ✓")[1:]
+    detok = IncrementalDetokenizer(tok.decode, tok.encode("prompt "))
+    text = "".join(detok.add(i) for i in ids)
+    assert text == "héllo wörld ✓"
+    assert "\ufffd" not in text
+
+
+@pytest.mark.parametrize("deltas,stops,expected", [
+    (["hel", "lo wo", "rld"], ("o w",), "hell"),
+    (["abc", "def"], ("zz",), "abcdef"),
+    (["ab", "c"], ("bc",), "a"),
+    (["STOP"], ("STOP",), ""),
+    (["a", "b", "x"], ("abc",), "abx"),
+])
+def test_stop_checker_cuts_at_the_stop_string(deltas, stops, expected):
+    checker = StopChecker(stops)
+    out = ""
+    for d in deltas:
+        emitted, stopped = checker.feed(d)
+        out += emitted
+        if stopped:
+            break
+    else:
+        out += checker.flush()
+    assert out == expected
+
+
+def test_mock_engine_is_deterministic_and_depends_on_the_kv():
+    engine = MockEngine()
+    ids = engine.tokenizer.encode("hello")
+    a = generate_colocated(engine, ids, t.SamplingParams(max_tokens=12))
+    b = generate_colocated(engine, ids, t.SamplingParams(max_tokens=12))
+    assert a == b and len(a[0]) == 12
+    c = generate_colocated(engine, engine.tokenizer.encode("hellp"), t.SamplingParams(max_tokens=12))
+    assert c[0] != a[0]
+
+
+def test_mock_seeded_sampling_is_reproducible():
+    engine = MockEngine()
+    ids = engine.tokenizer.encode("seeded")
+    s = t.SamplingParams(max_tokens=16, temperature=0.8, seed=7)
+    assert generate_colocated(engine, ids, s) == generate_colocated(engine, ids, s)
+    other = generate_colocated(engine, ids, t.SamplingParams(max_tokens=16, temperature=0.8, seed=8))
+    assert other[0] != generate_colocated(engine, ids, s)[0]
+
+
+def test_mock_kv_size_matches_the_configured_shape():
+    engine = MockEngine(MockEngineConfig(num_layers=4, num_kv_heads=2, head_dim=8, dtype="bfloat16"))
+    data = engine.kv_bytes([5, 6, 7], 0, 4)
+    assert len(data) == engine.spec.kv_bytes(4, 3) == 4 * 2 * 2 * 3 * 8 * 2
+
+
+@pytest.mark.parametrize("params,field", [
+    (dict(max_tokens=0), "max_tokens"), (dict(max_tokens=-3), "max_tokens"),
+    (dict(temperature=-1.0), "temperature"), (dict(temperature=math.nan), "temperature"),
+    (dict(temperature=math.inf), "temperature"), (dict(top_p=1.5), "top_p"), (dict(top_p=-0.2), "top_p"),
+    (dict(top_k=-1), "top_k"), (dict(stop=("",)), "stop"),
+])
+def test_sampling_validation_names_the_field(params, field):
+    with pytest.raises(InvalidArgument, match=field):
+        t.SamplingParams(**{"max_tokens": 4, **params}).validate(100)
+
+
+def test_convert_round_trips_a_generate_request():
+    req = t.GenerateRequest(t.Prompt(chat=(t.ChatMessage("user", "hi"),)),
+                            t.SamplingParams(max_tokens=5, temperature=0.5, seed=3, stop=("x",)), "r1")
+    assert convert.generate_request_from_pb(convert.generate_request_to_pb(req)) == req
+
+
+def test_convert_rejects_unknown_fields():
+    from pdgrpc.v1 import coordinator_pb2
+
+    raw = convert.generate_request_to_pb(t.GenerateRequest(t.Prompt(text="x"), t.SamplingParams())).SerializeToString()
+    msg = coordinator_pb2.GenerateRequest.FromString(raw + b"\xa8\x06\x01")  # field 101, varint 1
+    with pytest.raises(InvalidArgument, match="unknown fields"):
+        convert.generate_request_from_pb(msg)
+
+
+def test_config_fills_ports_from_the_base_and_rejects_mistakes(tmp_path):
+    cfg = cfgmod.from_dict({"prefill": [{}, {}], "decode": [{}]}, 40000)
+    assert cfg.coordinator.port == 40000 and cfg.store.port == 40001
+    assert [n.port for n in cfg.nodes] == [40010, 40011, 40040]
+    assert cfg.nodes[0].metrics_port == 41010
+    with pytest.raises(cfgmod.ConfigError, match="unknown"):
+        cfgmod.from_dict({"prefill": [{"bogus": 1}], "decode": [{}]})
+    with pytest.raises(cfgmod.ConfigError, match="at least one"):
+        cfgmod.from_dict({"prefill": [{}]})
+    with pytest.raises(cfgmod.ConfigError, match="both use"):
+        cfgmod.from_dict({"prefill": [{"port": 41000}], "decode": [{"port": 41000}]})
+    assert cfgmod.load(str(ROOT / "deploy" / "local.toml")).store.port == 9015
+    assert cfgmod.parse_size("2GB") == 2 * 10**9 and cfgmod.parse_size("1GiB") == 2**30
+
+
+def test_only_servicers_and_convert_import_pb2_messages():
+    allowed = {"convert.py", "servicers.py", "servicer.py"}
+    offenders = []
+    for path in (ROOT / "pdgrpc").rglob("*.py"):
+        if "v1" in path.parts:
+            continue
+        text = path.read_text()
+        if re.search(r"from pdgrpc\.v1 import [a-z_]+_pb2\b(?!_grpc)", text) and path.name not in allowed:
+            offenders.append(str(path.relative_to(ROOT)))
+    assert offenders == []
