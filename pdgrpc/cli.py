@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "coordinator": ("pdgrpc.coordinator.main", "run the coordinator"),
     "up": ("pdgrpc.launcher", "start a whole local cluster as separate processes"),
     "generate": ("pdgrpc.generate_cli", "send a prompt to a coordinator and stream the answer"),
+    "model": ("pdgrpc.model_prep", "prepare a model folder (pdgrpc model prepare)"),
 }
 
 

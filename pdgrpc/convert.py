@@ -37,8 +37,17 @@ _HEALTH_TO_PB = {
 _HEALTH_FROM_PB = {v: k for k, v in _HEALTH_TO_PB.items()}
 
 
+class MalformedMessage:
+    """Stands in for a request whose bytes did not parse (see grpcutil.RejectMalformed)."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
 def reject_unknown_fields(msg: Message, where: str) -> None:
     """Unknown fields mean the caller speaks another schema: refuse rather than guess."""
+    if isinstance(msg, MalformedMessage):
+        raise InvalidArgument(f"{where}: malformed protobuf message ({msg.error})")
     if len(UnknownFieldSet(msg)):
         raise InvalidArgument(f"{where}: unknown fields in message {msg.DESCRIPTOR.name}")
     for field, value in msg.ListFields():

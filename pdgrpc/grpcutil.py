@@ -17,6 +17,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from google.protobuf.message import DecodeError
+
+from pdgrpc.convert import MalformedMessage
 from pdgrpc.errors import Code, PdgrpcError, Unavailable, error_for
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,30 @@ def error_from_rpc(exc: grpc.aio.AioRpcError, peer: str) -> PdgrpcError:
             if key == RETRY_AFTER_KEY:
                 err.retry_after_s = int(value) / 1000
     return err
+
+
+class RejectMalformed(grpc.aio.ServerInterceptor):
+    """Requests that do not parse reach the servicer as MalformedMessage, so they get
+    INVALID_ARGUMENT with a message instead of gRPC's generic UNKNOWN."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith("/pdgrpc.v1.") \
+                or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+
+        def lenient(data: bytes):
+            try:
+                return parse(data)
+            except DecodeError as exc:
+                return MalformedMessage(str(exc))
+
+        return handler._replace(request_deserializer=lenient)
+
+
+def new_server() -> grpc.aio.Server:
+    return grpc.aio.server(options=SERVER_OPTIONS, interceptors=[RejectMalformed()])
 
 
 def add_health_and_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> health.aio.HealthServicer:

@@ -129,33 +129,43 @@ class LocalCluster:
             self.procs[name].stop()
 
 
-@pytest.fixture
-def local_cluster(tmp_path):
-    """Factory: local_cluster(prefill=1, decode=1, node_args=[...]) -> LocalCluster (stopped after the test)."""
+def start_local_cluster(tmp_path, prefill: int = 1, decode: int = 1, node_args: tuple[str, ...] = (),
+                        store_memory: str = "256MB", decode_args: tuple[str, ...] = (),
+                        prefill_args: tuple[str, ...] = ()) -> LocalCluster:
+    """Store, nodes and coordinator as separate processes on free ports; call .stop() after."""
     from pdgrpc import config as cfgmod
     from pdgrpc.launcher import node_command, write_toml
 
-    made: list[LocalCluster] = []
-
-    def make(prefill: int = 1, decode: int = 1, node_args: tuple[str, ...] = (), store_memory: str = "256MB",
-             decode_args: tuple[str, ...] = (), prefill_args: tuple[str, ...] = ()) -> LocalCluster:
-        base = free_port_base()
-        cfg = cfgmod.from_dict({"prefill": [{}] * prefill, "decode": [{}] * decode,
-                                "coordinator": {"health_interval_s": 0.5}}, base)
-        path = tmp_path / f"cluster-{base}.toml"
-        write_toml(cfg, str(path))
-        lc = LocalCluster(base)
-        made.append(lc)
+    base = free_port_base()
+    cfg = cfgmod.from_dict({"prefill": [{}] * prefill, "decode": [{}] * decode,
+                            "coordinator": {"health_interval_s": 0.5}}, base)
+    path = tmp_path / f"cluster-{base}.toml"
+    write_toml(cfg, str(path))
+    lc = LocalCluster(base)
+    try:
         lc.procs["store"] = Proc(pdgrpc_cmd("kvstore", "--port", str(base + 1), "--max-memory", store_memory))
         lc.procs["store"].wait_for_line("kvstore ")
         for n in cfg.nodes:
             extra = list(node_args) + list(decode_args if n.role == "decode" else prefill_args)
             lc.procs[n.name] = Proc(node_command(n, cfg, extra))
         for n in cfg.nodes:
-            lc.procs[n.name].wait_for_line(f"{n.role} {n.name} listening")
+            lc.procs[n.name].wait_for_line(f"{n.role} {n.name} listening", timeout_s=300)
         lc.procs["coordinator"] = Proc(pdgrpc_cmd("coordinator", "--config", str(path), "--grace-s", "2"))
         lc.procs["coordinator"].wait_for_line("coordinator coordinator listening")
-        return lc
+    except BaseException:
+        lc.stop()
+        raise
+    return lc
+
+
+@pytest.fixture
+def local_cluster(tmp_path):
+    """Factory: local_cluster(prefill=1, decode=1, ...) -> LocalCluster, stopped after the test."""
+    made: list[LocalCluster] = []
+
+    def make(**kwargs) -> LocalCluster:
+        made.append(start_local_cluster(tmp_path, **kwargs))
+        return made[-1]
 
     yield make
     for lc in made:

@@ -14,7 +14,7 @@ from pdgrpc import metrics, sdnotify
 from pdgrpc.coordinator.pool import NodePool
 from pdgrpc.coordinator.router import Router
 from pdgrpc.coordinator.servicer import CoordinatorServicer, register
-from pdgrpc.grpcutil import SERVER_OPTIONS, add_health_and_reflection, set_serving, wait_for_stop_signal
+from pdgrpc.grpcutil import add_health_and_reflection, new_server, set_serving, wait_for_stop_signal
 from pdgrpc.kvstore.client import KVStoreClient
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ async def serve(cluster: cfgmod.ClusterConfig, grace_s: float, store_token: str)
     pool = NodePool(cluster.by_role("prefill") + cluster.by_role("decode"), c.health_interval_s)
     store = KVStoreClient(cluster.store_address, token=store_token or None)
     router = Router(pool, store, c.max_inflight)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = new_server()
     name = register(server, CoordinatorServicer(router, cluster.store_address))
     health = add_health_and_reflection(server, [name])
     await set_serving(health, [name], False)

@@ -20,7 +20,7 @@ import grpc
 from pdgrpc import metrics, sdnotify
 from pdgrpc.engine.registry import EngineOptions, build_engine
 from pdgrpc.errors import Unavailable
-from pdgrpc.grpcutil import SERVER_OPTIONS, add_health_and_reflection, set_serving, wait_for_stop_signal
+from pdgrpc.grpcutil import add_health_and_reflection, new_server, set_serving, wait_for_stop_signal
 from pdgrpc.kvstore.client import KVStoreClient
 from pdgrpc.nodes.decode_service import DecodeLimits, DecodeService
 from pdgrpc.nodes.engine_thread import EngineThread
@@ -66,7 +66,7 @@ def pin_cpus(cpus: tuple[int, ...]) -> None:
 async def serve_node(cfg: NodeConfig) -> int:
     pin_cpus(cfg.cpus)
     role = cfg.role.value
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = new_server()
     service = None
 
     def info() -> NodeInfo:
