@@ -12,6 +12,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "kvstore": ("pdgrpc.kvstore.server", "run the gswarm-compatible KV data store"),
     "prefill": ("pdgrpc.nodes.prefill_main", "run a prefill node"),
     "decode": ("pdgrpc.nodes.decode_main", "run a decode node"),
+    "colocated": ("pdgrpc.nodes.colocated_main", "run a node doing prefill and decode in one process"),
     "coordinator": ("pdgrpc.coordinator.main", "run the coordinator"),
     "up": ("pdgrpc.launcher", "start a whole local cluster as separate processes"),
     "generate": ("pdgrpc.generate_cli", "send a prompt to a coordinator and stream the answer"),

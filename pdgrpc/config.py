@@ -2,7 +2,7 @@
 
 deploy/local.toml shows every key. Ports left at 0 are filled from ``port_base``:
 coordinator = base, store = base + 1, prefill i = base + 10 + i, decode j = base + 40 + j,
-and each gRPC process's metrics port is its gRPC port + 1000.
+colocated k = base + 70 + k, and each gRPC process's metrics port is its gRPC port + 1000.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from pdgrpc.engine.registry import ENGINES, EngineOptions
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 DEFAULT_PORT_BASE = 50051
+MODES = ("disaggregated", "colocated")
+ROLES = ("prefill", "decode", "colocated")
 METRICS_OFFSET = 1000
 
 
@@ -96,13 +98,18 @@ class ClusterConfig:
         return [n for n in self.nodes if n.role == role]
 
     def validate(self) -> "ClusterConfig":
-        if self.mode != "disaggregated":
-            raise ConfigError(f"mode {self.mode!r} is not supported yet (only 'disaggregated')")
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {MODES}, not {self.mode!r}")
         names = [n.name for n in self.nodes]
         if len(set(names)) != len(names):
             raise ConfigError(f"node names must be unique: {names}")
-        if not self.by_role("prefill") or not self.by_role("decode"):
-            raise ConfigError("a cluster needs at least one prefill and one decode node")
+        if self.mode == "disaggregated" and (not self.by_role("prefill") or not self.by_role("decode")
+                                             or self.by_role("colocated")):
+            raise ConfigError("a disaggregated cluster needs at least one prefill and one decode node "
+                              "and no colocated node")
+        if self.mode == "colocated" and (not self.by_role("colocated") or len(self.nodes) != len(
+                self.by_role("colocated"))):
+            raise ConfigError("a colocated cluster needs [[colocated]] nodes only")
         ports: dict[tuple[str, int], str] = {}
         cpus = os.cpu_count() or 1
         for what, host, port in self._endpoints():
@@ -113,8 +120,8 @@ class ClusterConfig:
         for n in self.nodes:
             if not _NAME_RE.match(n.name):
                 raise ConfigError(f"node name {n.name!r}: use 1-64 letters, digits, '-', '_', '.'")
-            if n.role not in ("prefill", "decode"):
-                raise ConfigError(f"node {n.name}: role must be prefill or decode, not {n.role!r}")
+            if n.role not in ROLES:
+                raise ConfigError(f"node {n.name}: role must be one of {ROLES}, not {n.role!r}")
             if n.engine.name not in ENGINES:
                 raise ConfigError(f"node {n.name}: engine must be one of {ENGINES}, not {n.engine.name!r}")
             if any(not 0 <= c < cpus for c in n.cpus):
@@ -156,7 +163,7 @@ def _section(cls, raw: dict, where: str):
 
 
 def from_dict(raw: dict, port_base: int | None = None) -> ClusterConfig:
-    unknown = set(raw) - {"store", "coordinator", "defaults", "prefill", "decode", "mode", "port_base"}
+    unknown = set(raw) - {"store", "coordinator", "defaults", "prefill", "decode", "colocated", "mode", "port_base"}
     if unknown:
         raise ConfigError(f"unknown top-level keys {sorted(unknown)}")
     base = port_base if port_base is not None else int(raw.get("port_base", DEFAULT_PORT_BASE))
@@ -171,7 +178,7 @@ def from_dict(raw: dict, port_base: int | None = None) -> ClusterConfig:
         raise ConfigError(f"[defaults]: unknown keys {sorted(bad)}")
     engine_defaults = _engine_options(defaults_raw, EngineOptions())
     nodes = []
-    for role, offset in (("prefill", 10), ("decode", 40)):
+    for role, offset in (("prefill", 10), ("decode", 40), ("colocated", 70)):
         for i, node_raw in enumerate(raw.get(role, [])):
             bad = set(node_raw) - _NODE_KEYS
             if bad:

@@ -11,6 +11,7 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 
 from pdgrpc import types as t
 from pdgrpc.errors import InvalidArgument
+from pdgrpc.v1 import colocated_pb2 as col_pb
 from pdgrpc.v1 import common_pb2 as c_pb
 from pdgrpc.v1 import coordinator_pb2 as co_pb
 from pdgrpc.v1 import decode_pb2 as d_pb
@@ -28,7 +29,8 @@ _LOCATION_TO_PB = {
     "device": c_pb.KV_LOCATION_DEVICE, "disk": c_pb.KV_LOCATION_DISK,
 }
 _LOCATION_FROM_PB = {v: k for k, v in _LOCATION_TO_PB.items()}
-_ROLE_TO_PB = {t.Role.PREFILL: c_pb.NODE_ROLE_PREFILL, t.Role.DECODE: c_pb.NODE_ROLE_DECODE}
+_ROLE_TO_PB = {t.Role.PREFILL: c_pb.NODE_ROLE_PREFILL, t.Role.DECODE: c_pb.NODE_ROLE_DECODE,
+               t.Role.COLOCATED: c_pb.NODE_ROLE_COLOCATED}
 _ROLE_FROM_PB = {v: k for k, v in _ROLE_TO_PB.items()}
 _HEALTH_TO_PB = {
     t.NodeHealth.UNSPECIFIED: co_pb.NODE_HEALTH_UNSPECIFIED, t.NodeHealth.SERVING: co_pb.NODE_HEALTH_SERVING,
@@ -244,6 +246,31 @@ def decode_event_from_pb(m: d_pb.DecodeResponse) -> t.DecodeEvent:
         return t.DecodeFinished(_FINISH_FROM_PB.get(m.finished.finish_reason, t.FinishReason.UNSPECIFIED),
                                 m.finished.completion_tokens)
     raise InvalidArgument("decode response has no event")
+
+
+# ---- colocated -------------------------------------------------------------------------------
+
+def colocated_event_to_pb(e: t.ColocatedEvent) -> col_pb.ColocatedResponse:
+    if isinstance(e, t.PrefillStarted):
+        return col_pb.ColocatedResponse(started=prefill_event_to_pb(e).started)
+    if isinstance(e, t.PrefillDone):
+        return col_pb.ColocatedResponse(first=prefill_event_to_pb(e).done)
+    if isinstance(e, t.TokenOut):
+        return col_pb.ColocatedResponse(token=decode_event_to_pb(e).token)
+    return col_pb.ColocatedResponse(finished=decode_event_to_pb(e).finished)
+
+
+def colocated_event_from_pb(m: col_pb.ColocatedResponse) -> t.ColocatedEvent:
+    kind = m.WhichOneof("event")
+    if kind == "started":
+        return prefill_event_from_pb(p_pb.PrefillResponse(started=m.started))
+    if kind == "first":
+        return prefill_event_from_pb(p_pb.PrefillResponse(done=m.first))
+    if kind == "token":
+        return decode_event_from_pb(d_pb.DecodeResponse(token=m.token))
+    if kind == "finished":
+        return decode_event_from_pb(d_pb.DecodeResponse(finished=m.finished))
+    raise InvalidArgument("colocated response has no event")
 
 
 # ---- coordinator -----------------------------------------------------------------------------

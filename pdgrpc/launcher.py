@@ -30,6 +30,9 @@ _PR_SET_PDEATHSIG = 1
 
 def add_arguments(parser) -> None:
     parser.add_argument("--config", default=None, help="cluster TOML file (e.g. deploy/local.toml)")
+    parser.add_argument("--mode", choices=cfgmod.MODES, default="disaggregated",
+                        help="disaggregated (prefill + decode nodes) or colocated (one process does both)")
+    parser.add_argument("--colocated", type=int, default=1, help="colocated nodes (with --mode colocated)")
     parser.add_argument("--prefill", type=int, default=1, help="prefill nodes (without --config)")
     parser.add_argument("--decode", type=int, default=1, help="decode nodes (without --config)")
     parser.add_argument("--engine", default="mock", help="mock, torch or vllm (without --config)")
@@ -47,13 +50,15 @@ def cluster_from_args(args) -> cfgmod.ClusterConfig:
     if args.config:
         cluster = cfgmod.load(args.config, args.port_base)
     else:
-        if args.prefill < 1 or args.decode < 1:
-            raise cfgmod.ConfigError("--prefill and --decode must be >= 1")
-        raw = {
-            "defaults": {"engine": args.engine, **({"model": args.model} if args.model else {})},
-            "prefill": [{} for _ in range(args.prefill)],
-            "decode": [{} for _ in range(args.decode)],
-        }
+        if args.prefill < 1 or args.decode < 1 or args.colocated < 1:
+            raise cfgmod.ConfigError("--prefill, --decode and --colocated must be >= 1")
+        raw = {"mode": args.mode,
+               "defaults": {"engine": args.engine, **({"model": args.model} if args.model else {})}}
+        if args.mode == "colocated":
+            raw["colocated"] = [{} for _ in range(args.colocated)]
+        else:
+            raw["prefill"] = [{} for _ in range(args.prefill)]
+            raw["decode"] = [{} for _ in range(args.decode)]
         cluster = cfgmod.from_dict(raw, args.port_base)
     if args.store_max_memory:
         cluster = dataclasses.replace(cluster, store=dataclasses.replace(cluster.store,
@@ -64,12 +69,14 @@ def cluster_from_args(args) -> cfgmod.ClusterConfig:
 
 
 def auto_pin(cluster: cfgmod.ClusterConfig) -> cfgmod.ClusterConfig:
-    """One core per node where there are enough cores; explicit `cpus` in the config always win."""
+    """Split the cores evenly between nodes where there are enough (1 prefill + 1 decode on 2 cores:
+    one core each; 1 colocated node: both); explicit `cpus` in the config always win."""
     cores = sorted(os.sched_getaffinity(0))
     nodes = cluster.nodes
     if any(n.cpus for n in nodes) or len(nodes) > len(cores):
         return cluster
-    return dataclasses.replace(cluster, nodes=tuple(dataclasses.replace(n, cpus=(cores[i],))
+    per = len(cores) // len(nodes)
+    return dataclasses.replace(cluster, nodes=tuple(dataclasses.replace(n, cpus=tuple(cores[i * per:(i + 1) * per]))
                                                     for i, n in enumerate(nodes)))
 
 
@@ -84,7 +91,7 @@ def write_toml(cluster: cfgmod.ClusterConfig, path: str) -> None:
             return "[" + ", ".join(val(x) for x in v) + "]"
         return repr(v)
 
-    lines = ["[store]"] + [f"{k} = {val(v)}" for k, v in dataclasses.asdict(cluster.store).items()]
+    lines = [f"mode = {val(cluster.mode)}", "", "[store]"] + [f"{k} = {val(v)}" for k, v in dataclasses.asdict(cluster.store).items()]
     lines += ["", "[coordinator]"] + [f"{k} = {val(v)}" for k, v in dataclasses.asdict(cluster.coordinator).items()]
     for n in cluster.nodes:
         lines += ["", f"[[{n.role}]]", f"name = {val(n.name)}", f"host = {val(n.host)}", f"port = {n.port}",
@@ -199,8 +206,9 @@ def main(args) -> int:
             procs.wait_ready(n.name, proc, _grpc_ready, n.address, args.ready_timeout_s)
         coord = procs.start("coordinator", [sys.executable, "-m", "pdgrpc", "coordinator", "--config", config_path])
         procs.wait_ready("coordinator", coord, _grpc_ready, cluster.coordinator_address, args.ready_timeout_s)
-        print(f"cluster ready: {len(cluster.by_role('prefill'))} prefill + {len(cluster.by_role('decode'))} decode; "
-              f"try: pdgrpc generate --coordinator {cluster.coordinator_address} \"Hello\"", flush=True)
+        shape = (f"{len(cluster.nodes)} colocated" if cluster.mode == "colocated" else
+                 f"{len(cluster.by_role('prefill'))} prefill + {len(cluster.by_role('decode'))} decode")
+        print(f"cluster ready: {shape}; try: pdgrpc generate --coordinator {cluster.coordinator_address} \"Hello\"", flush=True)
         while True:
             dead = procs.dead()
             if dead:

@@ -27,6 +27,7 @@ class FinishReason(enum.Enum):
 class Role(enum.Enum):
     PREFILL = "prefill"
     DECODE = "decode"
+    COLOCATED = "colocated"
 
 
 LOCATIONS = ("dram", "pinned_dram", "device", "disk")
@@ -231,6 +232,9 @@ class DecodeFinished:
 
 
 DecodeEvent = KVLoaded | TokenOut | DecodeFinished
+
+
+ColocatedEvent = PrefillStarted | PrefillDone | TokenOut | DecodeFinished
 
 
 # ---- coordinator stream ---------------------------------------------------------------------

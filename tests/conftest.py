@@ -131,14 +131,15 @@ class LocalCluster:
 
 def start_local_cluster(tmp_path, prefill: int = 1, decode: int = 1, node_args: tuple[str, ...] = (),
                         store_memory: str = "256MB", decode_args: tuple[str, ...] = (),
-                        prefill_args: tuple[str, ...] = ()) -> LocalCluster:
+                        prefill_args: tuple[str, ...] = (), colocated: int = 0) -> LocalCluster:
     """Store, nodes and coordinator as separate processes on free ports; call .stop() after."""
     from pdgrpc import config as cfgmod
     from pdgrpc.launcher import node_command, write_toml
 
     base = free_port_base()
-    cfg = cfgmod.from_dict({"prefill": [{}] * prefill, "decode": [{}] * decode,
-                            "coordinator": {"health_interval_s": 0.5}}, base)
+    shape = ({"mode": "colocated", "colocated": [{}] * colocated} if colocated else
+             {"prefill": [{}] * prefill, "decode": [{}] * decode})
+    cfg = cfgmod.from_dict({**shape, "coordinator": {"health_interval_s": 0.5}}, base)
     path = tmp_path / f"cluster-{base}.toml"
     write_toml(cfg, str(path))
     lc = LocalCluster(base)
@@ -146,7 +147,8 @@ def start_local_cluster(tmp_path, prefill: int = 1, decode: int = 1, node_args: 
         lc.procs["store"] = Proc(pdgrpc_cmd("kvstore", "--port", str(base + 1), "--max-memory", store_memory))
         lc.procs["store"].wait_for_line("kvstore ")
         for n in cfg.nodes:
-            extra = list(node_args) + list(decode_args if n.role == "decode" else prefill_args)
+            extra = list(node_args) + list(decode_args if n.role == "decode" else
+                                           prefill_args if n.role == "prefill" else ())
             lc.procs[n.name] = Proc(node_command(n, cfg, extra))
         for n in cfg.nodes:
             lc.procs[n.name].wait_for_line(f"{n.role} {n.name} listening", timeout_s=300)

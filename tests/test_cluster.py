@@ -196,3 +196,18 @@ def test_nodes_serve_health_and_reflection(local_cluster):
             answers = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
             names = [s.name for a in answers for s in a.list_services_response.service]
             assert service in names and "grpc.health.v1.Health" in names
+
+
+def test_colocated_mode_matches_disaggregated(local_cluster):
+    disagg = local_cluster(decode_args=("--mock-decode-cost-per-step-s", "0.002"))
+    coloc = local_cluster(colocated=1, node_args=("--mock-decode-cost-per-step-s", "0.002"))
+    jobs = [(p, 12 + i) for i, p in enumerate(PROMPTS)]
+    with Client(disagg.coordinator) as a, Client(coloc.coordinator) as b:
+        with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+            ra = list(pool.map(lambda j: a.complete(j[0], max_tokens=j[1]), jobs))
+            rb = list(pool.map(lambda j: b.complete(j[0], max_tokens=j[1]), jobs))
+        assert [r.token_ids for r in ra] == [r.token_ids for r in rb]
+        assert [r.text for r in ra] == [r.text for r in rb]
+        assert all(r.final.prefill_node == r.final.decode_node == "colocated-0" for r in rb)
+        assert rb[0].final.timings.kv_groups == 0  # nothing went through the store
+        assert [n.name for n in b.cluster_status().nodes] == ["colocated-0"]

@@ -30,7 +30,7 @@ def add_arguments(parser) -> None:
 
 async def serve(cluster: cfgmod.ClusterConfig, grace_s: float, store_token: str) -> int:
     c = cluster.coordinator
-    pool = NodePool(cluster.by_role("prefill") + cluster.by_role("decode"), c.health_interval_s)
+    pool = NodePool(list(cluster.nodes), c.health_interval_s)
     store = KVStoreClient(cluster.store_address, token=store_token or None)
     router = Router(pool, store, c.max_inflight)
     server = new_server()

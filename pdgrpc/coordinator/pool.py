@@ -21,7 +21,7 @@ from pdgrpc.config import NodeSection
 from pdgrpc.errors import Unavailable
 from pdgrpc.grpcutil import health_check, insecure_channel
 from pdgrpc.types import NodeHealth, NodeInfo, NodeStatus, Role
-from pdgrpc.v1 import decode_pb2_grpc, prefill_pb2_grpc
+from pdgrpc.v1 import colocated_pb2_grpc, decode_pb2_grpc, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,8 @@ class NodePool:
         for n in nodes:
             role = Role(n.role)
             channel = insecure_channel(n.address)
-            stub = (prefill_pb2_grpc.PrefillStub if role is Role.PREFILL else decode_pb2_grpc.DecodeStub)(channel)
+            stub = {Role.PREFILL: prefill_pb2_grpc.PrefillStub, Role.DECODE: decode_pb2_grpc.DecodeStub,
+                    Role.COLOCATED: colocated_pb2_grpc.ColocatedStub}[role](channel)
             self.nodes.append(NodeHandle(n.name, role, n.address, channel, stub))
         self._task: asyncio.Task | None = None
 
@@ -93,6 +94,10 @@ class NodePool:
                 node.health = NodeHealth.UNREACHABLE
         if node.health is not before:
             log.info("node %s (%s) is %s", node.name, node.address, node.health.value)
+
+    @property
+    def colocated(self) -> bool:
+        return any(n.role is Role.COLOCATED for n in self.nodes)
 
     def mark_unreachable(self, node: NodeHandle) -> None:
         if node.health is not NodeHealth.UNREACHABLE:

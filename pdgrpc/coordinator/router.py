@@ -75,6 +75,10 @@ class Router:
         rid = req.request_id or uuid.uuid4().hex
         if self.inflight >= self.max_inflight:
             raise ResourceExhausted(f"coordinator is at its limit of {self.max_inflight} requests", retry_after_s=0.5)
+        if self.pool.colocated:
+            async for ev in self._generate_colocated(req, rid, p, timeout_s):
+                yield ev
+            return
         prefill_node = self.pool.pick(Role.PREFILL)
         decode_node = self.pool.pick(Role.DECODE)
         self.inflight += 1
@@ -190,6 +194,46 @@ class Router:
             metrics.REQUESTS_INFLIGHT.labels("coordinator").set(self.inflight)
             if not finished or p.loaded < p.groups:
                 self._release_later(rid)
+
+    async def _generate_colocated(self, req: GenerateRequest, rid: str, p: _Progress,
+                                  timeout_s: float | None) -> AsyncIterator[GenerateEvent]:
+        """The baseline path: one node does both phases; same timings and metrics."""
+        node = self.pool.pick(Role.COLOCATED)
+        self.inflight += 1
+        node.inflight += 1
+        metrics.REQUESTS_INFLIGHT.labels("coordinator").set(self.inflight)
+        queue_s = time.monotonic() - p.arrival
+        p.prefill_sent = time.monotonic()
+        call = node.stub.Generate(convert.prefill_request_to_pb(PrefillRequest(rid, req.prompt, req.sampling)),
+                                  timeout=timeout_s)
+        try:
+            async for msg in call:
+                ev = convert.colocated_event_from_pb(msg)
+                now = time.monotonic()
+                if isinstance(ev, PrefillStarted):
+                    p.prompt_tokens, p.model = len(ev.prompt_token_ids), ev.model.name
+                elif isinstance(ev, PrefillDone):
+                    p.prefill_done = p.first_token = p.last_token = now
+                    p.completion_tokens = 1
+                    metrics.TIME_TO_FIRST_TOKEN.labels(p.model).observe(now - p.arrival)
+                    yield GenerateDelta(ev.first_token_text, (ev.first_token_id,),
+                                        (ev.first_token_logprob,) if req.sampling.logprobs else ())
+                elif isinstance(ev, TokenOut):
+                    metrics.INTER_TOKEN_LATENCY.labels(p.model).observe(now - p.last_token)
+                    p.last_token = now
+                    p.completion_tokens += 1
+                    yield GenerateDelta(ev.text, (ev.token_id,), (ev.logprob,) if req.sampling.logprobs else ())
+                elif isinstance(ev, DecodeFinished):
+                    yield self._final(rid, ev.finish_reason, p, queue_s, node, node)
+                    return
+            raise Unavailable(f"colocated node {node.name} ended the stream without finishing")
+        except grpc.aio.AioRpcError as exc:
+            raise self._downstream_error(exc, node) from None
+        finally:
+            call.cancel()
+            self.inflight -= 1
+            node.inflight -= 1
+            metrics.REQUESTS_INFLIGHT.labels("coordinator").set(self.inflight)
 
     def _final(self, rid: str, reason: FinishReason, p: _Progress, queue_s: float,
                prefill_node: NodeHandle, decode_node: NodeHandle) -> GenerateFinal:

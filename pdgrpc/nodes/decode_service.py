@@ -28,6 +28,7 @@ from pdgrpc.nodes.engine_thread import EngineThread
 from pdgrpc.nodes.prefill_service import validate_prompt_ids
 from pdgrpc.types import (
     REQUEST_ID_RE, DecodeEvent, DecodeFinished, DecodeInput, DecodeKVDone, DecodeStart, KVDescriptor, KVLoaded,
+    TokenOut,
 )
 
 log = logging.getLogger(__name__)
@@ -117,12 +118,14 @@ class DecodeService:
         self.requests += 1
         metrics.NODE_RUNNING.labels("decode", self.node).set(self.requests)
         ids = list(first.prompt_token_ids)
-        seq = await self.thread.call(self.engine.begin_sequence, DecodeWork(first.request_id, ids, first.sampling))
+        seq = None
         events: asyncio.Queue = asyncio.Queue()
         unreleased: set[str] = set()
-        reader = asyncio.create_task(self._read_inputs(inputs, first, seq, events, unreleased))
-        entry = None
+        reader: asyncio.Task | None = None
         try:
+            seq = await self.thread.call(self.engine.begin_sequence,
+                                         DecodeWork(first.request_id, ids, first.sampling))
+            reader = asyncio.create_task(self._read_inputs(inputs, first, seq, events, unreleased))
             while True:
                 ev = await events.get()
                 if isinstance(ev, BaseException):
@@ -130,13 +133,32 @@ class DecodeService:
                 if isinstance(ev, _KVComplete):
                     break
                 yield ev
-            await self.thread.call(self.engine.start_decoding, seq, ev.first_token_id)
-            tracker = OutputTracker(self.engine.tokenizer, ids, first.sampling, self.engine.spec.eos_token_ids)
-            _, reason = tracker.add(ev.first_token_id)  # prefill already sent its text
-            if reason is not None:
-                yield DecodeFinished(reason, 1)
-                return
-            entry = self.scheduler.add(seq, tracker)
+            async for out in self.run_sequence(seq, ids, first.sampling, ev.first_token_id):
+                yield out
+        finally:
+            if reader is not None:
+                reader.cancel()
+                with contextlib.suppress(BaseException):
+                    await reader
+            self.requests -= 1
+            metrics.NODE_RUNNING.labels("decode", self.node).set(self.requests)
+            if seq is not None:
+                await self.thread.call(self.engine.free_sequence, seq)
+            for key in list(unreleased):
+                with contextlib.suppress(PdgrpcError):
+                    await self.store.release(key)
+
+    async def run_sequence(self, seq: object, prompt_ids: list[int], sampling, first_token_id: int
+                           ) -> AsyncIterator[TokenOut | DecodeFinished]:
+        """Decode a sequence whose KV is fully loaded: tokens after the first, then DecodeFinished."""
+        await self.thread.call(self.engine.start_decoding, seq, first_token_id)
+        tracker = OutputTracker(self.engine.tokenizer, prompt_ids, sampling, self.engine.spec.eos_token_ids)
+        _, reason = tracker.add(first_token_id)  # prefill already sent its text
+        if reason is not None:
+            yield DecodeFinished(reason, 1)
+            return
+        entry = self.scheduler.add(seq, tracker)
+        try:
             while True:
                 item = await entry.out.get()
                 if isinstance(item, BaseException):
@@ -147,17 +169,7 @@ class DecodeService:
                     yield DecodeFinished(reason, len(tracker.token_ids))
                     return
         finally:
-            reader.cancel()
-            with contextlib.suppress(BaseException):
-                await reader
-            if entry is not None:
-                self.scheduler.remove(entry)
-            self.requests -= 1
-            metrics.NODE_RUNNING.labels("decode", self.node).set(self.requests)
-            await self.thread.call(self.engine.free_sequence, seq)
-            for key in list(unreleased):
-                with contextlib.suppress(PdgrpcError):
-                    await self.store.release(key)
+            self.scheduler.remove(entry)
 
     async def _read_inputs(self, inputs: AsyncIterator[DecodeInput], start: DecodeStart, seq: object,
                            events: asyncio.Queue, unreleased: set[str]) -> None:

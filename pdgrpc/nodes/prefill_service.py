@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 from pdgrpc import metrics
 from pdgrpc.engine.base import Engine, KVGroup, PrefillWork, SampledToken
@@ -85,7 +85,13 @@ class PrefillService:
         metrics.NODE_QUEUE_DEPTH.labels("prefill", self.node).set(len(self._queue))
         metrics.NODE_RUNNING.labels("prefill", self.node).set(self.running)
 
-    async def prefill(self, req: PrefillRequest) -> AsyncIterator[PrefillEvent]:
+    async def prefill(self, req: PrefillRequest,
+                      kv_sink: Callable[[KVGroup], Awaitable[None]] | None = None) -> AsyncIterator[PrefillEvent]:
+        """Yield PrefillStarted, a KVDescriptor per published group, PrefillDone.
+
+        With ``kv_sink`` (colocated mode) groups go to the sink instead of the store and no
+        descriptors are yielded.
+        """
         spec = self.engine.spec
         if not REQUEST_ID_RE.match(req.request_id):
             raise InvalidArgument("request_id must be 1-64 of letters, digits, '-', '_', '.'")
@@ -112,6 +118,9 @@ class PrefillService:
                 item = await pending.out.get()
                 if isinstance(item, BaseException):
                     raise item
+                if isinstance(item, KVGroup) and kv_sink is not None:
+                    await kv_sink(item)
+                    continue
                 if isinstance(item, KVGroup):
                     desc = await self._publish(req.request_id, len(published), item, lease_s)
                     published.append(desc.key)

@@ -25,7 +25,8 @@ from pdgrpc.kvstore.client import KVStoreClient
 from pdgrpc.nodes.decode_service import DecodeLimits, DecodeService
 from pdgrpc.nodes.engine_thread import EngineThread
 from pdgrpc.nodes.prefill_service import PrefillLimits, PrefillService
-from pdgrpc.nodes.servicers import DecodeServicer, PrefillServicer, register
+from pdgrpc.nodes.colocated_service import ColocatedService
+from pdgrpc.nodes.servicers import ColocatedServicer, DecodeServicer, PrefillServicer, register
 from pdgrpc.types import NodeInfo, Role
 
 log = logging.getLogger(__name__)
@@ -72,11 +73,12 @@ async def serve_node(cfg: NodeConfig) -> int:
     def info() -> NodeInfo:
         if service is None:
             raise Unavailable(f"{role} node {cfg.name} is loading its model")
-        running = service.running if isinstance(service, PrefillService) else getattr(service, "requests", 0)
-        queued = service.queued if isinstance(service, PrefillService) else 0
+        running = service.requests if isinstance(service, DecodeService) else service.running
+        queued = 0 if isinstance(service, DecodeService) else service.queued
         return NodeInfo(cfg.name, cfg.role, engine.spec, running, queued, cfg.max_requests)
 
-    servicer = PrefillServicer(info) if cfg.role is Role.PREFILL else DecodeServicer(info)
+    servicer = {Role.PREFILL: PrefillServicer, Role.DECODE: DecodeServicer,
+                Role.COLOCATED: ColocatedServicer}[cfg.role](info)
     service_name = register(server, servicer)
     health = add_health_and_reflection(server, [service_name])
     await set_serving(health, [service_name], False)
@@ -93,11 +95,11 @@ async def serve_node(cfg: NodeConfig) -> int:
     thread = EngineThread(f"{role}-engine")
     await thread.call(engine.warm_up)
     store = KVStoreClient(cfg.store, token=cfg.store_token or None)
-    if cfg.role is Role.PREFILL:
-        service = PrefillService(cfg.name, engine, thread, store,
-                                 PrefillLimits(cfg.max_requests, cfg.batch_token_budget, cfg.kv_lease_s))
-    else:
-        service = DecodeService(cfg.name, engine, thread, store, DecodeLimits(cfg.max_requests, cfg.max_batch))
+    prefill = PrefillService(cfg.name, engine, thread, store,
+                             PrefillLimits(cfg.max_requests, cfg.batch_token_budget, cfg.kv_lease_s))
+    decode = DecodeService(cfg.name, engine, thread, store, DecodeLimits(cfg.max_requests, cfg.max_batch))
+    service = {Role.PREFILL: prefill, Role.DECODE: decode,
+               Role.COLOCATED: ColocatedService(prefill, decode)}[cfg.role]
     service.start()
     servicer.service = service
     await set_serving(health, [service_name], True)
@@ -118,7 +120,7 @@ async def serve_node(cfg: NodeConfig) -> int:
 
 
 def add_node_arguments(parser, role: Role) -> None:
-    default_port = 50061 if role is Role.PREFILL else 50071
+    default_port = {Role.PREFILL: 50061, Role.DECODE: 50071, Role.COLOCATED: 50081}[role]
     parser.add_argument("--name", default=f"{role.value}-0", help="node name, as in the cluster config")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=default_port, help="gRPC port")

@@ -9,10 +9,13 @@ import grpc
 from pdgrpc import convert
 from pdgrpc.errors import PdgrpcError, Unavailable
 from pdgrpc.grpcutil import abort_with
+from pdgrpc.nodes.colocated_service import ColocatedService
 from pdgrpc.nodes.decode_service import DecodeService
 from pdgrpc.nodes.prefill_service import PrefillService
 from pdgrpc.types import NodeInfo
-from pdgrpc.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from pdgrpc.v1 import (
+    colocated_pb2, colocated_pb2_grpc, common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc,
+)
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
@@ -63,8 +66,36 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             await abort_with(context, err)
 
 
-def register(server: grpc.aio.Server, servicer: PrefillServicer | DecodeServicer) -> str:
+class ColocatedServicer(colocated_pb2_grpc.ColocatedServicer):
+    def __init__(self, info: Callable[[], NodeInfo]) -> None:
+        self.service: ColocatedService | None = None
+        self._info = info
+
+    async def Generate(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
+        try:
+            if self.service is None:
+                raise Unavailable("colocated node is loading its model")
+            req = convert.prefill_request_from_pb(request)
+            async for event in self.service.generate(req):
+                yield convert.colocated_event_to_pb(event)
+        except PdgrpcError as err:
+            await abort_with(context, err)
+
+    async def GetNodeInfo(self, request: common_pb2.NodeInfoRequest, context: grpc.aio.ServicerContext):
+        try:
+            return convert.node_info_to_pb(self._info())
+        except PdgrpcError as err:
+            await abort_with(context, err)
+
+
+Servicer = PrefillServicer | DecodeServicer | ColocatedServicer
+
+
+def register(server: grpc.aio.Server, servicer: Servicer) -> str:
     """Add the servicer to the server; return its full service name (for health and reflection)."""
+    if isinstance(servicer, ColocatedServicer):
+        colocated_pb2_grpc.add_ColocatedServicer_to_server(servicer, server)
+        return colocated_pb2.DESCRIPTOR.services_by_name["Colocated"].full_name
     if isinstance(servicer, PrefillServicer):
         prefill_pb2_grpc.add_PrefillServicer_to_server(servicer, server)
         return prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name

@@ -28,6 +28,7 @@ class NodeRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     NODE_ROLE_UNSPECIFIED: _ClassVar[NodeRole]
     NODE_ROLE_PREFILL: _ClassVar[NodeRole]
     NODE_ROLE_DECODE: _ClassVar[NodeRole]
+    NODE_ROLE_COLOCATED: _ClassVar[NodeRole]
 KV_LOCATION_UNSPECIFIED: KVLocation
 KV_LOCATION_DRAM: KVLocation
 KV_LOCATION_PINNED_DRAM: KVLocation
@@ -40,6 +41,7 @@ FINISH_REASON_STOP: FinishReason
 NODE_ROLE_UNSPECIFIED: NodeRole
 NODE_ROLE_PREFILL: NodeRole
 NODE_ROLE_DECODE: NodeRole
+NODE_ROLE_COLOCATED: NodeRole
 
 class SamplingParams(_message.Message):
     __slots__ = ("max_tokens", "temperature", "top_p", "top_k", "seed", "has_seed", "stop_token_ids", "stop", "ignore_eos", "logprobs")

@@ -1,0 +1,171 @@
+"""KV cache plumbing for the torch engine: the wire layout and the decode batch.
+
+Wire layout of a KVGroup: ``[layer][k|v][kv_head][token][head_dim]``, contiguous, model dtype
+(bfloat16 as its raw 2-byte values).
+
+Decode: each sequence's KV lives in exactly one place. Before it first decodes (and whenever it
+is left out of a step) it is its own tensor ``[L, 2, H, T, D]``; while it is a member of the
+current ``DecodeBatch`` it is a row of the batch buffer ``[L, 2, B, H, cap, D]``, left-padded so
+every row's newest token sits in the same column. A step writes the new K/V column in place
+(``BufferLayer``), so steps with an unchanged membership copy no cache at all. When the membership
+changes the batch is rebuilt: one copy of each member's KV into the new buffer, and one copy out
+for sequences that left the batch but are still alive.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from pdgrpc.engine.base import DecodeWork, KVGroup
+from pdgrpc.errors import InvalidArgument
+
+
+def kv_group_bytes(cache: Cache, layer_start: int, layer_end: int, dtype: torch.dtype) -> bytearray:
+    """Layers [layer_start, layer_end) of a batch-1 cache as wire bytes (one copy, device -> host)."""
+    k0 = cache.layers[layer_start].keys
+    _, heads, tokens, dim = k0.shape
+    layers = layer_end - layer_start
+    out = bytearray(layers * 2 * heads * tokens * dim * torch.tensor([], dtype=dtype).element_size())
+    dst = torch.frombuffer(out, dtype=dtype).view(layers, 2, heads, tokens, dim)
+    for i in range(layers):
+        layer = cache.layers[layer_start + i]
+        dst[i, 0].copy_(layer.keys[0])
+        dst[i, 1].copy_(layer.values[0])
+    return out
+
+
+def kv_from_bytes(group: KVGroup, dtype: torch.dtype, heads: int, dim: int) -> torch.Tensor:
+    """A read-only view [layers, 2, heads, tokens, dim] of a group's bytes (no copy; copy it before use)."""
+    layers = group.layer_end - group.layer_start
+    tokens = group.token_end - group.token_start
+    data = group.data
+    nbytes = memoryview(data).nbytes
+    with warnings.catch_warnings():  # bytes are read-only; we only read from the view
+        warnings.simplefilter("ignore")
+        flat = torch.frombuffer(data, dtype=torch.uint8, count=nbytes) if nbytes else torch.empty(0, dtype=torch.uint8)
+    return flat.view(dtype).view(layers, 2, heads, tokens, dim)
+
+
+class BufferLayer(DynamicLayer):
+    """A cache layer over preallocated [B, H, cap, D] buffers: update() writes in place, no concatenation."""
+
+    _layer_type = None  # never auto-register in transformers' layer mappings
+
+    def __init__(self, k_buf: torch.Tensor, v_buf: torch.Tensor, length: int) -> None:
+        super().__init__()
+        self.k_buf, self.v_buf, self.length = k_buf, v_buf, length
+        self.device = k_buf.device
+        self.keys = k_buf[:, :, :length]
+        self.values = v_buf[:, :, :length]
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + key_states.shape[-2]
+        if end > self.k_buf.shape[-2]:
+            raise RuntimeError(f"decode buffer full ({end} > {self.k_buf.shape[-2]})")
+        self.k_buf[:, :, self.length:end].copy_(key_states)
+        self.v_buf[:, :, self.length:end].copy_(value_states)
+        self.length = end
+        self.keys = self.k_buf[:, :, :end]
+        self.values = self.v_buf[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+
+@dataclass(eq=False)
+class SequenceState:
+    """One decoding sequence (engine-owned; nodes only pass it back)."""
+
+    serial: int
+    work: DecodeWork
+    prompt_len: int
+    kv: torch.Tensor | None = None          # own storage [L, 2, H, T, D] when not in a batch
+    covered: np.ndarray | None = None       # [L, prompt_len] bool while KV is loading
+    length: int = 0                         # tokens in the cache
+    last_token: int = -1                    # fed at the next step, at position `length`
+    ready: bool = False
+    freed: bool = False
+    batch: "DecodeBatch | None" = None
+    row: int = -1
+
+
+class DecodeBatch:
+    """The left-padded KV of the sequences decoded together, grown in place step by step."""
+
+    def __init__(self, seqs: list[SequenceState], layers: int, heads: int, dim: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.seqs = list(seqs)
+        self.key = tuple(s.serial for s in seqs)
+        self.length = max(s.length for s in seqs)  # columns in use (common padded length)
+        cap = self._capacity(self.length)
+        b = len(seqs)
+        buf = torch.zeros(layers, 2, b, heads, cap, dim, dtype=dtype, device=device)
+        mask = torch.ones(b, cap, dtype=torch.long, device=device)
+        for row, s in enumerate(seqs):
+            pad = self.length - s.length
+            buf[:, :, row, :, pad:self.length].copy_(kv_view(s))
+            mask[row, :pad] = 0
+        self.buf, self.mask = buf, mask
+        self.padded = any(s.length != self.length for s in seqs)
+
+    @staticmethod
+    def _capacity(length: int) -> int:
+        return length + max(32, length // 4)
+
+    def ensure_room(self, extra: int = 1) -> None:
+        if self.length + extra <= self.buf.shape[-2]:
+            return
+        cap = self._capacity(self.length + extra)
+        buf = torch.zeros(*self.buf.shape[:-2], cap, self.buf.shape[-1], dtype=self.buf.dtype, device=self.buf.device)
+        buf[..., :self.length, :].copy_(self.buf[..., :self.length, :])
+        mask = torch.ones(self.mask.shape[0], cap, dtype=self.mask.dtype, device=self.mask.device)
+        mask[:, :self.length].copy_(self.mask[:, :self.length])
+        self.buf, self.mask = buf, mask
+
+    def cache(self) -> Cache:
+        return Cache(layers=[BufferLayer(self.buf[i, 0], self.buf[i, 1], self.length)
+                             for i in range(self.buf.shape[0])])
+
+    def attention_mask(self) -> torch.Tensor | None:
+        """[B, length + 1] for the step about to run, or None when no row is padded."""
+        return self.mask[:, :self.length + 1] if self.padded else None
+
+    def release(self) -> None:
+        self.buf = self.mask = None  # type: ignore[assignment]
+        self.seqs = []
+
+
+def kv_view(seq: SequenceState) -> torch.Tensor:
+    """[L, 2, H, length, D] view of a sequence's KV, wherever it lives."""
+    b = seq.batch
+    if b is not None:
+        pad = b.length - seq.length
+        return b.buf[:, :, seq.row, :, pad:b.length]
+    assert seq.kv is not None
+    return seq.kv[..., :seq.length, :]
+
+
+def check_group(group: KVGroup, seq: SequenceState, num_layers: int, expected_bytes: int) -> None:
+    if not (0 <= group.layer_start < group.layer_end <= num_layers):
+        raise InvalidArgument(f"KV group layers [{group.layer_start}, {group.layer_end}) outside [0, {num_layers})")
+    if not (0 <= group.token_start < group.token_end <= seq.prompt_len):
+        raise InvalidArgument(f"KV group tokens [{group.token_start}, {group.token_end}) outside the prompt "
+                              f"[0, {seq.prompt_len})")
+    try:
+        size = memoryview(group.data).nbytes
+    except TypeError:
+        raise InvalidArgument("KV group data is not a bytes-like buffer") from None
+    if size != expected_bytes:
+        raise InvalidArgument(f"KV group has {size} bytes, its layout says {expected_bytes}")
