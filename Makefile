@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo demo-mock test test-fast proto proto-check lint clean
+.PHONY: venv system-deps demo demo-mock test test-fast proto proto-check lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# promtool/prometheus and systemd-analyze for the operability tests (apt, as root).
+system-deps:
+	bash tools/install_system_deps.sh
 
 demo: venv
 	$(PY) tools/demo.py
@@ -31,7 +35,7 @@ proto:
 proto-check: venv
 	$(PY) tools/gen_proto.py --check
 
-test: venv proto-check
+test: venv system-deps proto-check
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: venv

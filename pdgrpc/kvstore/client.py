@@ -27,6 +27,7 @@ from pdgrpc.errors import (DataLoss, FailedPrecondition, InvalidArgument, NotFou
                            ResourceExhausted, Unavailable, error_for)
 from pdgrpc.kvstore import shm
 
+SHM_MIN_BYTES = 256 << 10  # below this a segment costs more (create + adopt) than the HTTP body
 _BIG = 8 << 20  # above this, checksums and segment I/O run in a thread so the caller's loop stays live
 
 
@@ -66,7 +67,7 @@ def _is_local_host(host: str) -> bool:
 
 class KVStoreClient:
     def __init__(self, address: str, *, token: str | None = None, use_shm: bool | None = None,
-                 timeout_s: float = 30.0) -> None:
+                 timeout_s: float = 30.0, shm_min_bytes: int = SHM_MIN_BYTES) -> None:
         address = address.strip().removeprefix("http://").rstrip("/")
         if not address or address.startswith(":") or ":" not in address:
             raise InvalidArgument(f"kv store address {address!r} must be host:port")
@@ -75,6 +76,7 @@ class KVStoreClient:
         self._host = address.rsplit(":", 1)[0].strip("[]")
         self._token = token
         self._use_shm = use_shm
+        self.shm_min_bytes = shm_min_bytes
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None
 
@@ -94,7 +96,8 @@ class KVStoreClient:
             raise InvalidArgument(f"put {key!r}: data must be a contiguous bytes-like buffer ({exc})") from None
         size = view.nbytes
         crc = await _maybe_thread(zlib.crc32, view, size=size)
-        if await self.shm_enabled():
+        # Small payloads are faster over HTTP than through a segment (file create + adopt call).
+        if size >= self.shm_min_bytes and await self.shm_enabled():
             return await self._put_shm(key, view, crc, owner=owner, lease_s=lease_s, location=location)
         params = {"owner": owner, "lease_s": repr(float(lease_s)), "location": location}
         body = await self._request("PUT", self._kv_url(key), params=params, data=view,

@@ -111,41 +111,54 @@ class PrefillService:
         self._queue.append(pending)
         self._gauges()
         self._wakeup.set()
-        published: list[str] = []
+        keys: list[str] = []                   # every key a publish was started for
+        publishing: set[asyncio.Task] = set()  # publishes run concurrently with the engine and each other
+        next_item: asyncio.Task | None = None
         finished = False
         try:
             while True:
-                item = await pending.out.get()
+                if next_item is None:
+                    next_item = asyncio.ensure_future(pending.out.get())
+                done, _ = await asyncio.wait({next_item, *publishing}, return_when=asyncio.FIRST_COMPLETED)
+                for task in done - {next_item}:
+                    publishing.discard(task)
+                    yield task.result()
+                if next_item not in done:
+                    continue
+                item, next_item = next_item.result(), None
                 if isinstance(item, BaseException):
                     raise item
-                if isinstance(item, KVGroup) and kv_sink is not None:
-                    await kv_sink(item)
-                    continue
                 if isinstance(item, KVGroup):
-                    desc = await self._publish(req.request_id, len(published), item, lease_s)
-                    published.append(desc.key)
-                    yield desc
+                    if kv_sink is not None:
+                        await kv_sink(item)
+                        continue
+                    keys.append(f"{req.request_id}.g{len(keys)}")
+                    publishing.add(asyncio.ensure_future(self._publish(req.request_id, keys[-1], len(keys) - 1,
+                                                                       item, lease_s)))
                     continue
                 assert isinstance(item, SampledToken)
+                for task in asyncio.as_completed(list(publishing)):
+                    yield await task
+                publishing.clear()
                 tracker = OutputTracker(self.engine.tokenizer, ids, req.sampling, spec.eos_token_ids)
                 text, reason = tracker.add(item.token_id)
                 finished = True
-                yield PrefillDone(item.token_id, text, item.logprob, len(published),
-                                  reason or FinishReason.UNSPECIFIED)
+                yield PrefillDone(item.token_id, text, item.logprob, len(keys), reason or FinishReason.UNSPECIFIED)
                 return
         finally:
             pending.work.cancelled.set()
+            for task in [*publishing, *([next_item] if next_item else [])]:
+                task.cancel()
             if pending in self._queue:
                 self._queue.remove(pending)
                 self._gauges()
-            if not finished and published:
+            if not finished and keys:
                 # Nobody will fetch these: free them now rather than at lease expiry.
-                asyncio.get_running_loop().create_task(self._release(published))
+                asyncio.get_running_loop().create_task(self._release(keys))
 
-    async def _publish(self, request_id: str, index: int, group: KVGroup, lease_s: float) -> KVDescriptor:
+    async def _publish(self, request_id: str, key: str, index: int, group: KVGroup, lease_s: float) -> KVDescriptor:
         spec = self.engine.spec
         t0 = time.monotonic()
-        key = f"{request_id}.g{index}"
         put = await self.store.put(key, group.data, owner=request_id, lease_s=lease_s)
         metrics.KV_TRANSFER.labels("prefill", "publish").observe(time.monotonic() - t0)
         metrics.KV_TRANSFER_BYTES.labels("prefill", "publish").inc(put.size)

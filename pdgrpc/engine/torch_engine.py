@@ -1,0 +1,413 @@
+"""The torch engine: a Hugging Face transformers causal LM (Llama family) on CPU or one CUDA device.
+
+Models (``EngineOptions.model``):
+  ``""``            SmolLM2-135M-Instruct, converted once from the packaged GGUF (``pdgrpc model prepare``)
+  ``"tiny-random"`` a 4-layer random Llama built on the fly with a fixed seed (tests; byte tokenizer)
+  a folder          any local Hugging Face Llama-family folder
+
+Prefill publishes KV group by group: the forward runs in a helper thread with a forward hook on the
+last decoder layer of each group; the hook copies that group's K/V out of the DynamicCache into wire
+bytes and queues them, and the generator yields them while the forward goes on with the next
+group. A cancelled work makes the next hook raise, which aborts the forward.
+
+Decode keeps a left-padded batch buffer (see ``torch_kv``): one forward per step for all sequences,
+positions from each sequence's true length, padding masked out. Batched greedy output equals the
+sequences run alone and equals ``model.generate(do_sample=False)`` in float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import queue
+import threading
+from collections.abc import Mapping
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from pdgrpc.engine.base import DecodeWork, Engine, KVGroup, PrefillWork, SampledToken, Tokenizer
+from pdgrpc.engine.registry import EngineOptions
+from pdgrpc.engine.torch_kv import (DecodeBatch, SequenceState, check_group, kv_from_bytes, kv_group_bytes,
+                                    kv_view)
+from pdgrpc.engine.torch_sampling import Sampler
+from pdgrpc.errors import FailedPrecondition, InvalidArgument
+from pdgrpc.types import ModelSpec
+
+DEFAULT_LAYERS_PER_GROUP = 6
+MAX_MODEL_LEN_CAP = 8192
+TINY_RANDOM = "tiny-random"
+TINY_RANDOM_SEED = 20240601
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+# ---- tokenizers -------------------------------------------------------------------------------
+
+class HFTokenizer(Tokenizer):
+    """A transformers tokenizer behind the engine's Tokenizer interface."""
+
+    def __init__(self, tok: Any) -> None:
+        self.hf = tok
+
+    def encode(self, text: str) -> list[int]:
+        return [int(t) for t in self.hf.encode(text)]  # special tokens as the tokenizer adds them by default
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        try:
+            out = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as exc:  # template errors (bad roles, no template) are the caller's input problem
+            raise InvalidArgument(f"chat template failed: {type(exc).__name__}: {exc}") from None
+        if isinstance(out, Mapping) or hasattr(out, "input_ids"):
+            out = out["input_ids"]
+        return [int(t) for t in out]
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.hf.decode(list(token_ids), skip_special_tokens=True)
+
+
+# ---- loading ----------------------------------------------------------------------------------
+
+def dtype_name(dtype: str) -> str:
+    d = (dtype or "float32").lower()
+    d = {"fp32": "float32", "bf16": "bfloat16"}.get(d, d)
+    if d not in _DTYPES:
+        raise ValueError(f"torch engine dtype must be one of {sorted(_DTYPES)}, not {dtype!r}")
+    return d
+
+
+def parse_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device or "cpu")
+    except RuntimeError as exc:
+        raise ValueError(f"bad device {device!r}: {exc}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available in this process")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"device must be 'cpu' or 'cuda:N', not {device!r}")
+    return dev
+
+
+def tiny_random_config() -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, rms_norm_eps=1e-5,
+        initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+
+
+def load_tiny_random(dtype: torch.dtype) -> tuple[Any, str]:
+    """(model, canonical config json) of the tiny random Llama; same weights in every process."""
+    from transformers import LlamaForCausalLM
+
+    config = tiny_random_config()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_RANDOM_SEED)
+        model = LlamaForCausalLM(config)
+    model = model.to(dtype).eval()
+    return model, json.dumps(config.to_dict(), sort_keys=True, default=str)
+
+
+def load_folder(path: str, dtype: torch.dtype) -> tuple[Any, Any, str]:
+    """(model, transformers tokenizer, config.json text) of a local Hugging Face folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with open(os.path.join(path, "config.json")) as f:
+        config_text = f.read()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    return model, tok, config_text
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over every parameter's name, shape, dtype and bytes (about 0.3 s for 540 MB)."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        t = p.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}\n".encode())
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
+    ids: set[int] = set()
+    for src in (getattr(model, "generation_config", None), model.config, tokenizer):
+        v = getattr(src, "eos_token_id", None) if src is not None else None
+        if v is None:
+            continue
+        ids.update(int(x) for x in (v if isinstance(v, (list, tuple)) else [v]))
+    return tuple(sorted(ids))
+
+
+def build_torch_engine(opts: EngineOptions) -> "TorchEngine":
+    dname = dtype_name(opts.dtype)
+    device = parse_device(opts.device)
+    if opts.threads < 0:
+        raise ValueError(f"threads must be >= 0, got {opts.threads}")
+    torch.set_num_threads(opts.threads or len(os.sched_getaffinity(0)))
+    dtype = _DTYPES[dname]
+    if opts.model == TINY_RANDOM:
+        from pdgrpc.engine.mock import ByteTokenizer
+
+        model, config_text = load_tiny_random(dtype)
+        return TorchEngine(model, ByteTokenizer(), name=TINY_RANDOM, config_text=config_text, device=device,
+                           eos_token_ids=(2,))
+    from pdgrpc.model_prep import resolve_model
+
+    path = resolve_model(opts.model, dname)
+    model, tok, config_text = load_folder(path, dtype)
+    return TorchEngine(model, HFTokenizer(tok), name=os.path.basename(os.path.normpath(path)),
+                       config_text=config_text, device=device, eos_token_ids=_eos_ids(model, tok))
+
+
+# ---- the engine -------------------------------------------------------------------------------
+
+class _Aborted(Exception):
+    """Raised by a prefill hook to stop the forward (work cancelled or consumer gone)."""
+
+
+class TorchEngine(Engine):
+    def __init__(self, model: Any, tokenizer: Tokenizer, *, name: str, config_text: str,
+                 device: torch.device | str = "cpu", eos_token_ids: tuple[int, ...] = (),
+                 layers_per_group: int = DEFAULT_LAYERS_PER_GROUP) -> None:
+        if layers_per_group <= 0:
+            raise ValueError("layers_per_group must be > 0")
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        cfg = model.config
+        self.dtype = next(model.parameters()).dtype
+        dname = {v: k for k, v in _DTYPES.items()}.get(self.dtype)
+        if dname is None:
+            raise ValueError(f"unsupported model dtype {self.dtype}")
+        self.decoder_layers = model.model.layers
+        self.num_layers = len(self.decoder_layers)
+        self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        fingerprint = hashlib.sha256(json.dumps(
+            {"config": config_text, "dtype": dname, "weights": weights_digest(model)}, sort_keys=True).encode()
+        ).hexdigest()[:32]
+        self.spec = ModelSpec(
+            name=name,
+            fingerprint=f"torch-{fingerprint}",
+            num_layers=self.num_layers,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            dtype=dname,
+            vocab_size=int(cfg.vocab_size),
+            max_model_len=min(int(getattr(cfg, "max_position_embeddings", MAX_MODEL_LEN_CAP)), MAX_MODEL_LEN_CAP),
+            engine="torch",
+            eos_token_ids=tuple(eos_token_ids),
+        )
+        self.groups = [(s, min(s + layers_per_group, self.num_layers))
+                       for s in range(0, self.num_layers, layers_per_group)]
+        self.sampler = Sampler()
+        self._serials = itertools.count(1)
+        self._batch: DecodeBatch | None = None
+
+    # ---- checks ---------------------------------------------------------------------------
+
+    def _check_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise InvalidArgument("prompt has no tokens")
+        if len(ids) > self.spec.max_model_len:
+            raise InvalidArgument(f"prompt of {len(ids)} tokens exceeds the model limit {self.spec.max_model_len}")
+        v = self.spec.vocab_size
+        bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < v), None)
+        if bad is not None:
+            raise InvalidArgument(f"token id {bad} outside the vocabulary [0, {v})")
+
+    def warm_up(self) -> None:
+        ids = [1, 30, 40, 50, 60, 70, 80, 90][: max(1, min(8, self.spec.vocab_size - 1))]
+        ids = [t % self.spec.vocab_size for t in ids]
+        from pdgrpc.types import SamplingParams
+
+        sampling = SamplingParams(max_tokens=2)
+        groups, first = [], None
+        for _, item in self.prefill([PrefillWork("warm-up", ids, sampling)]):
+            if isinstance(item, KVGroup):
+                groups.append(item)
+            else:
+                first = item
+        assert first is not None
+        seq = self.begin_sequence(DecodeWork("warm-up", ids, sampling))
+        try:
+            for g in groups:
+                self.load_kv(seq, g)
+            self.start_decoding(seq, first.token_id)
+            self.decode_step([seq])
+        finally:
+            self.free_sequence(seq)
+
+    # ---- prefill --------------------------------------------------------------------------
+
+    def prefill(self, works: list[PrefillWork]) -> Iterator[tuple[int, KVGroup | SampledToken]]:
+        for index, work in enumerate(works):
+            if work.cancelled.is_set():
+                continue
+            ids = list(work.prompt_token_ids)
+            self._check_prompt(ids)
+            yield from self._prefill_one(index, work, ids)
+
+    def _prefill_one(self, index: int, work: PrefillWork,
+                     ids: list[int]) -> Iterator[tuple[int, KVGroup | SampledToken]]:
+        from transformers import DynamicCache
+
+        n = len(ids)
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        stop = threading.Event()  # the consumer went away
+        cache = DynamicCache(config=self.model.config)
+
+        def make_hook(start: int, end: int):
+            def hook(module: Any, args: Any, output: Any) -> None:
+                if stop.is_set() or work.cancelled.is_set():
+                    raise _Aborted()
+                q.put(("kv", KVGroup(start, end, 0, n, kv_group_bytes(cache, start, end, self.dtype))))
+            return hook
+
+        handles = [self.decoder_layers[end - 1].register_forward_hook(make_hook(start, end))
+                   for start, end in self.groups]
+
+        def run() -> None:
+            try:
+                with torch.inference_mode():
+                    input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+                    out = self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
+                    q.put(("logits", out.logits[:, -1]))
+            except _Aborted:
+                q.put(("aborted", None))
+            except BaseException as exc:  # handed to the generator, raised there
+                q.put(("error", exc))
+
+        thread = threading.Thread(target=run, name="pdgrpc-prefill", daemon=True)
+        try:
+            thread.start()
+            while True:
+                kind, item = q.get()
+                if kind == "kv":
+                    yield index, item
+                elif kind == "logits":
+                    with torch.inference_mode():
+                        (tok,) = self.sampler.sample(item, [work.sampling], [n])
+                    yield index, tok
+                    return
+                elif kind == "aborted":
+                    return
+                else:
+                    raise item
+        finally:
+            stop.set()
+            thread.join()
+            for h in handles:
+                h.remove()
+
+    # ---- decode ---------------------------------------------------------------------------
+
+    def begin_sequence(self, work: DecodeWork) -> SequenceState:
+        ids = list(work.prompt_token_ids)
+        self._check_prompt(ids)
+        return SequenceState(serial=next(self._serials), work=work, prompt_len=len(ids))
+
+    def _check_live(self, seq: Any) -> SequenceState:
+        if not isinstance(seq, SequenceState):
+            raise InvalidArgument(f"not a torch engine sequence: {type(seq).__name__}")
+        if seq.freed:
+            raise FailedPrecondition(f"sequence {seq.work.request_id} was freed")
+        return seq
+
+    def load_kv(self, seq: SequenceState, group: KVGroup) -> None:
+        seq = self._check_live(seq)
+        if seq.ready:
+            raise FailedPrecondition(f"sequence {seq.work.request_id} is already decoding; KV is complete")
+        expected = self.spec.kv_bytes(group.layer_end - group.layer_start, group.token_end - group.token_start)
+        check_group(group, seq, self.num_layers, expected)
+        with torch.inference_mode():
+            if seq.kv is None:
+                seq.kv = torch.empty(self.num_layers, 2, self.num_kv_heads, seq.prompt_len, self.head_dim,
+                                     dtype=self.dtype, device=self.device)
+                seq.covered = np.zeros((self.num_layers, seq.prompt_len), dtype=bool)
+            src = kv_from_bytes(group, self.dtype, self.num_kv_heads, self.head_dim)
+            seq.kv[group.layer_start:group.layer_end, :, :, group.token_start:group.token_end].copy_(src)
+        assert seq.covered is not None
+        seq.covered[group.layer_start:group.layer_end, group.token_start:group.token_end] = True
+
+    def start_decoding(self, seq: SequenceState, first_token_id: int) -> None:
+        seq = self._check_live(seq)
+        if seq.ready:
+            raise FailedPrecondition(f"sequence {seq.work.request_id} already started decoding")
+        if seq.covered is None or not seq.covered.all():
+            missing = (list(range(self.num_layers)) if seq.covered is None
+                       else [i for i in range(self.num_layers) if not seq.covered[i].all()])
+            raise FailedPrecondition(f"sequence {seq.work.request_id}: KV incomplete, layers {missing} "
+                                     f"not (fully) loaded")
+        if not isinstance(first_token_id, int) or not 0 <= first_token_id < self.spec.vocab_size:
+            raise InvalidArgument(f"first token id {first_token_id} outside the vocabulary [0, {self.spec.vocab_size})")
+        seq.covered = None
+        seq.length = seq.prompt_len
+        seq.last_token = first_token_id
+        seq.ready = True
+
+    def decode_step(self, seqs: list[SequenceState]) -> list[SampledToken]:
+        if not seqs:
+            return []
+        for s in seqs:
+            self._check_live(s)
+            if not s.ready:
+                raise FailedPrecondition(f"sequence {s.work.request_id}: start_decoding was not called")
+        if len({s.serial for s in seqs}) != len(seqs):
+            raise InvalidArgument("decode_step got the same sequence twice")
+        with torch.inference_mode():
+            batch = self._batch
+            if batch is None or batch.key != tuple(s.serial for s in seqs):
+                batch = self._rebuild(seqs)
+            batch.ensure_room(1)
+            input_ids = torch.tensor([[s.last_token] for s in seqs], dtype=torch.long, device=self.device)
+            position_ids = torch.tensor([[s.length] for s in seqs], dtype=torch.long, device=self.device)
+            out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=batch.attention_mask(),
+                             cache=batch.cache(), use_cache=True, logits_to_keep=1)
+            batch.length += 1
+            for s in seqs:
+                s.length += 1
+            # The new token's absolute index is the cache length after this step.
+            tokens = self.sampler.sample(out.logits[:, -1], [s.work.sampling for s in seqs],
+                                         [s.length for s in seqs])
+        for s, t in zip(seqs, tokens):
+            s.last_token = t.token_id
+        return tokens
+
+    def _rebuild(self, seqs: list[SequenceState]) -> DecodeBatch:
+        """A new batch for this membership; sequences leaving the old one get their own copy back."""
+        old = self._batch
+        new = DecodeBatch(seqs, self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device)
+        members = {s.serial for s in seqs}
+        if old is not None:
+            for s in old.seqs:
+                if not s.freed and s.serial not in members and s.batch is old:
+                    s.kv = kv_view(s).contiguous()
+                    s.batch, s.row = None, -1
+            old.release()
+        for row, s in enumerate(seqs):
+            s.batch, s.row, s.kv = new, row, None
+        self._batch = new
+        return new
+
+    def free_sequence(self, seq: SequenceState) -> None:
+        if not isinstance(seq, SequenceState) or seq.freed:
+            return
+        seq.freed = True
+        seq.kv = seq.covered = None
+        b, seq.batch = seq.batch, None
+        if b is not None and b is self._batch and all(s.freed for s in b.seqs):
+            b.release()
+            self._batch = None

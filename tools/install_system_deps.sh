@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# System packages the test suite needs, from Debian: promtool and a Prometheus server (package
+# `prometheus`) and systemd-analyze (package `systemd`). Idempotent; does nothing when present.
+set -euo pipefail
+need=()
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+[ ${#need[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" != 0 ]; then
+  echo "missing system packages: ${need[*]}; install them as root (apt-get install ${need[*]})" >&2
+  exit 0
+fi
+apt-get update -qq
+# policy-rc.d 101: the package must not try to start its own service here; tests start their own.
+made_policy=0
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && made_policy=1
+fi
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+[ "$made_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
+exit 0
