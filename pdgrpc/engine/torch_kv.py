@@ -97,7 +97,7 @@ class SequenceState:
     last_token: int = -1                    # fed at the next step, at position `length`
     ready: bool = False
     freed: bool = False
-    batch: "DecodeBatch | None" = None
+    batch: DecodeBatch | None = None
     row: int = -1
 
 

@@ -80,6 +80,10 @@ class DecodeScheduler:
                     e.out.put_nowait(err)
                 continue
             metrics.NODE_STEP_TIME.labels("decode", self.node).observe(time.monotonic() - t0)
+            # metrics: sequences left out of this step by max_batch; one more token of KV per sequence
+            metrics.NODE_QUEUE_DEPTH.labels("decode", self.node).set(max(len(self._active) - self.max_batch, 0))
+            metrics.KV_HELD.grow("decode", self.node, [e.seq for e in batch if e in self._active],
+                                 self.engine.spec.kv_bytes(self.engine.spec.num_layers, 1))
             for e, tok in zip(batch, tokens):
                 if e not in self._active:  # its caller left during the step
                     continue

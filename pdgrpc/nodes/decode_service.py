@@ -143,6 +143,7 @@ class DecodeService:
             self.requests -= 1
             metrics.NODE_RUNNING.labels("decode", self.node).set(self.requests)
             if seq is not None:
+                metrics.KV_HELD.free("decode", self.node, seq)  # metrics
                 await self.thread.call(self.engine.free_sequence, seq)
             for key in list(unreleased):
                 with contextlib.suppress(PdgrpcError):
@@ -170,6 +171,7 @@ class DecodeService:
                     return
         finally:
             self.scheduler.remove(entry)
+            metrics.KV_HELD.free("decode", self.node, seq)  # metrics: also ends colocated sequences
 
     async def _read_inputs(self, inputs: AsyncIterator[DecodeInput], start: DecodeStart, seq: object,
                            events: asyncio.Queue, unreleased: set[str]) -> None:
@@ -219,8 +221,8 @@ class DecodeService:
         lay = d.layout
         await self.thread.call(self.engine.load_kv, seq,
                                KVGroup(lay.layer_start, lay.layer_end, lay.token_start, lay.token_end, data))
-        metrics.KV_TRANSFER.labels("decode", "fetch").observe(time.monotonic() - t0)
-        metrics.KV_TRANSFER_BYTES.labels("decode", "fetch").inc(d.size_bytes)
+        metrics.observe_kv_transfer("decode", "fetch", time.monotonic() - t0, d.size_bytes)
+        metrics.KV_HELD.add("decode", self.node, seq, d.size_bytes)  # metrics: KV now in this node's cache
         # Loaded into our cache: the store's copy has served its purpose.
         with contextlib.suppress(PdgrpcError):
             await self.store.release(d.key)

