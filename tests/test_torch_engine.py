@@ -39,7 +39,7 @@ GREEDY = SamplingParams(max_tokens=12)
 def tiny_engine(dtype: torch.dtype = torch.float32, layers_per_group: int = 1) -> TorchEngine:
     model, config_text = load_tiny_random(dtype)
     return TorchEngine(model, ByteTokenizer(), name="tiny-random", config_text=config_text, eos_token_ids=(2,),
-                       layers_per_group=layers_per_group)
+                       layers_per_group=layers_per_group, min_group_bytes=0)
 
 
 def hf_generate(engine: TorchEngine, ids: list[int], max_new_tokens: int) -> list[int]:
@@ -135,6 +135,15 @@ def test_tiny_colocated_equals_hf_generate(tiny):
         ours, _, _ = generate_colocated(tiny, ids, SamplingParams(max_tokens=16))
         ref = strip_after_eos(hf_generate(tiny, ids, 16), tiny.spec.eos_token_ids)
         assert ours == ref, f"prompt of {len(ids)} tokens"
+
+
+def test_short_prompts_publish_fewer_larger_groups():
+    engine = tiny_engine(layers_per_group=1)
+    engine.min_group_bytes = engine.spec.kv_bytes(2, 10)  # two layers' worth at 10 tokens
+    assert engine.groups_for(10) == [(0, 2), (2, 4)]
+    assert engine.groups_for(5) == [(0, 4)]
+    assert engine.groups_for(1000) == [(i, i + 1) for i in range(4)]
+    engine.close()
 
 
 def test_tiny_kv_groups_one_per_group(tiny):
@@ -339,9 +348,14 @@ def test_smol_spec_and_reload(smol):
         "SmolLM2-135M-Instruct-float32", 30, 3, 64, "float32")
     assert s.vocab_size == 49152 and s.max_model_len == 8192 and 2 in s.eos_token_ids
     assert len(smol.groups) == 5
-    ids = smol.tokenizer.encode("Hello there")
+    # A long prompt goes out in the default 5 groups of 6 layers ...
+    ids = smol.tokenizer.encode("Hello there, " * 100)
     groups, _ = prefill_all(smol, ids)
     assert [len(g.data) for g in groups] == [6 * 2 * 3 * len(ids) * 64 * 4] * 5 == [s.kv_bytes(6, len(ids))] * 5
+    # ... a short one in one group: per-group costs would outweigh any overlap.
+    short = smol.tokenizer.encode("Hello there")
+    groups, _ = prefill_all(smol, short)
+    assert [(g.layer_start, g.layer_end) for g in groups] == [(0, 30)]
 
 
 @needs_smollm2

@@ -77,13 +77,15 @@ class Setup:
         if not self.ready.wait(timeout_s):
             raise SystemExit(f"{self.name} did not start")
 
-    def measure(self, client: Client, ids: list[int]) -> float:
+    def measure(self, client: Client, ids: list[int], gap_s: float) -> float:
+        """TTFT of one request; the whole request is read so no work spills into the next one."""
+        time.sleep(gap_s)  # low load: requests arrive spaced out, every process idle in between
         t0 = time.perf_counter()
-        for ev in client.generate(token_ids=ids, max_tokens=2):
-            if isinstance(ev, GenerateDelta):
+        ttft = None
+        for ev in client.generate(token_ids=ids, max_tokens=2, ignore_eos=True):
+            if isinstance(ev, GenerateDelta) and ttft is None:
                 ttft = time.perf_counter() - t0
-                break
-        else:
+        if ttft is None:
             raise RuntimeError("no token")
         return ttft
 
@@ -101,6 +103,7 @@ def main() -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=[16, 128, 512])
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--vocab", type=int, default=49152, help="token ids are drawn below this")
+    parser.add_argument("--gap-s", type=float, default=0.5, help="idle time before each request")
     args = parser.parse_args()
 
     cores = sorted(os.sched_getaffinity(0))
@@ -121,13 +124,13 @@ def main() -> int:
         clients = {s.name: Client(f"127.0.0.1:{s.base}") for s in setups}
         rng = random.Random(0)
         for s in setups:  # warm every path once
-            s.measure(clients[s.name], [rng.randrange(3, args.vocab) for _ in range(8)])
+            s.measure(clients[s.name], [rng.randrange(3, args.vocab) for _ in range(8)], args.gap_s)
         for n in args.lengths:
             for rep in range(args.reps):
                 ids = [rng.randrange(3, args.vocab) for _ in range(n)]
                 order = setups if rep % 2 == 0 else setups[::-1]
                 for s in order:
-                    s.ttft.setdefault(n, []).append(s.measure(clients[s.name], ids))
+                    s.ttft.setdefault(n, []).append(s.measure(clients[s.name], ids, args.gap_s))
         print(f"\nTTFT, median of {args.reps} (engine {args.engine}, {len(cores)} cores, one request at a time)")
         print(f"{'prompt tokens':>13} | " + " | ".join(f"{s.name:>14}" for s in setups) + " | "
               + " | ".join(f"{s.name + '/colocated':>24}" for s in setups[1:]))

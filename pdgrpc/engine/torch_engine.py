@@ -43,6 +43,7 @@ from pdgrpc.errors import FailedPrecondition, InvalidArgument
 from pdgrpc.types import ModelSpec
 
 DEFAULT_LAYERS_PER_GROUP = 6
+MIN_GROUP_BYTES = 2 << 20  # see TorchEngine.groups_for
 MAX_MODEL_LEN_CAP = 8192
 TINY_RANDOM = "tiny-random"
 TINY_RANDOM_SEED = 20240601
@@ -222,7 +223,8 @@ class TorchEngine(Engine):
 
     def __init__(self, model: Any, tokenizer: Tokenizer, *, name: str, config_text: str,
                  device: torch.device | str = "cpu", eos_token_ids: tuple[int, ...] = (),
-                 layers_per_group: int = DEFAULT_LAYERS_PER_GROUP, compute: ComputeThread | None = None) -> None:
+                 layers_per_group: int = DEFAULT_LAYERS_PER_GROUP, compute: ComputeThread | None = None,
+                 min_group_bytes: int = MIN_GROUP_BYTES) -> None:
         if layers_per_group <= 0:
             raise ValueError("layers_per_group must be > 0")
         self.compute = compute or ComputeThread()
@@ -255,6 +257,8 @@ class TorchEngine(Engine):
             engine="torch",
             eos_token_ids=tuple(eos_token_ids),
         )
+        self.layers_per_group = layers_per_group
+        self.min_group_bytes = min_group_bytes
         self.groups = [(s, min(s + layers_per_group, self.num_layers))
                        for s in range(0, self.num_layers, layers_per_group)]
         self.sampler = Sampler()
@@ -348,7 +352,7 @@ class TorchEngine(Engine):
             return hook
 
         handles = [self.decoder_layers[end - 1].register_forward_hook(make_hook(start, end))
-                   for start, end in self.groups]
+                   for start, end in self.groups_for(n)]
         try:
             with torch.inference_mode():
                 input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
@@ -362,6 +366,16 @@ class TorchEngine(Engine):
         finally:
             for h in handles:
                 h.remove()
+
+    def groups_for(self, num_tokens: int) -> list[tuple[int, int]]:
+        """Layer groups for a prompt: at least ``layers_per_group`` layers and ``min_group_bytes`` each.
+
+        Every group costs a store round trip and wakes decode up while prefill still computes; for
+        a short prompt those costs outweigh any overlap, so its KV goes out in fewer, larger groups.
+        """
+        per_layer = self.spec.kv_bytes(1, num_tokens)
+        size = max(self.layers_per_group, -(-self.min_group_bytes // max(per_layer, 1)))
+        return [(s, min(s + size, self.num_layers)) for s in range(0, self.num_layers, size)]
 
     # ---- decode ---------------------------------------------------------------------------
 

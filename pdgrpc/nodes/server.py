@@ -9,6 +9,7 @@ refuses new calls, and lets running requests finish within ``grace_s``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import sys
@@ -59,6 +60,19 @@ class NodeConfig:
         return self
 
 
+def engine_options_for(cfg: NodeConfig) -> EngineOptions:
+    """Thread count when the operator left it at 0 (auto).
+
+    Decode is memory-bound: one thread decodes about as fast as two (measured, see README), and a
+    decode process with a full OpenMP team stalls a prefill process that shares its cores every
+    time it wakes to load KV. So decode takes half the allowed CPUs, prefill and colocated all.
+    """
+    if cfg.engine.threads or cfg.role is not Role.DECODE:
+        return cfg.engine
+    allowed = len(os.sched_getaffinity(0))
+    return dataclasses.replace(cfg.engine, threads=max(1, allowed // 2))
+
+
 def pin_cpus(cpus: tuple[int, ...]) -> None:
     if cpus:
         os.sched_setaffinity(0, set(cpus))
@@ -92,7 +106,7 @@ async def serve_node(cfg: NodeConfig) -> int:
         metrics.init_node(role, cfg.name)  # metrics: gauges and failure counters exist from the start
 
     t0 = time.monotonic()
-    engine = await asyncio.to_thread(build_engine, cfg.engine)
+    engine = await asyncio.to_thread(build_engine, engine_options_for(cfg))
     thread = EngineThread(f"{role}-engine")
     await thread.call(engine.warm_up)
     store = KVStoreClient(cfg.store, token=cfg.store_token or None)
