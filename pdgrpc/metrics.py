@@ -47,6 +47,9 @@ DECODE_TIME = Histogram("pdgrpc_request_decode_time_seconds", "First token to fi
 REQUESTS = Counter("pdgrpc_requests_total", "Finished requests by outcome", ["model", "outcome"])
 PROMPT_TOKENS = Counter("pdgrpc_prompt_tokens_total", "Prompt tokens of finished requests", ["model"])
 GENERATION_TOKENS = Counter("pdgrpc_generation_tokens_total", "Tokens generated", ["model"])
+REQUEST_RETRIES = Counter("pdgrpc_request_retries_total",
+                          "Requests moved to another node because one died mid-request, by the failed node's role",
+                          ["role"])
 REQUESTS_INFLIGHT = Gauge("pdgrpc_requests_inflight", "Requests being served now", ["role"])
 
 # ---- KV transfer, by phase ----

@@ -121,6 +121,17 @@ class LocalCluster:
     def store(self) -> str:
         return f"127.0.0.1:{self.base + 1}"
 
+    def kill(self, name: str) -> None:
+        proc = self.procs[name]
+        proc.signal(signal.SIGKILL)
+        proc.proc.wait(timeout=10)
+
+    def restart(self, name: str, ready_prefix: str) -> None:
+        """Start the same command again (same ports) after the process ended."""
+        old = self.procs[name]
+        self.procs[name] = Proc(old.cmd)
+        self.procs[name].wait_for_line(ready_prefix, timeout_s=120)
+
     def store_stats(self) -> dict:
         return http_json(f"http://{self.store}/stats")["stats"]
 

@@ -265,7 +265,7 @@ def test_unknown_key_404(store, method, path, body):
 
 async def test_write_over_capacity_507_changes_nothing(store, monkeypatch):
     refused_segment = shm.new_segment_name()
-    monkeypatch.setattr(shm, "new_segment_name", lambda: refused_segment)
+    monkeypatch.setattr(shm, "new_segment_name", lambda *_: refused_segment)
     async with KVStoreClient(store, use_shm=False) as client, KVStoreClient(store, use_shm=True, shm_min_bytes=0) as local:
         await client.put("big", os.urandom(6 * 1024 * 1024), owner="cap", lease_s=60)
         before = _stats(store)

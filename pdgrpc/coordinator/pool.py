@@ -18,7 +18,7 @@ import grpc
 
 from pdgrpc import convert
 from pdgrpc.config import NodeSection
-from pdgrpc.errors import Unavailable
+from pdgrpc.errors import ResourceExhausted, Unavailable
 from pdgrpc.grpcutil import health_check, insecure_channel
 from pdgrpc.types import NodeHealth, NodeInfo, NodeStatus, Role
 from pdgrpc.v1 import colocated_pb2_grpc, decode_pb2_grpc, prefill_pb2_grpc
@@ -37,6 +37,9 @@ class NodeHandle:
     inflight: int = 0
     info: NodeInfo | None = None
     last_seen: float = 0.0
+
+    def has_capacity(self) -> bool:
+        return self.info is None or self.inflight < self.info.max_requests
 
     def load(self) -> tuple[int, int]:
         reported = self.info.running_requests + self.info.queued_requests if self.info else 0
@@ -105,9 +108,14 @@ class NodePool:
         node.health = NodeHealth.UNREACHABLE
 
     def pick(self, role: Role, exclude: tuple[NodeHandle, ...] = ()) -> NodeHandle:
-        candidates = [n for n in self.nodes if n.role is role and n.health is NodeHealth.SERVING and n not in exclude]
-        if not candidates:
+        serving = [n for n in self.nodes if n.role is role and n.health is NodeHealth.SERVING and n not in exclude]
+        if not serving:
             raise Unavailable(f"no {role.value} node is serving")
+        candidates = [n for n in serving if n.has_capacity()]
+        if not candidates:
+            # Every node's queue is full: say so now rather than let latency grow without bound.
+            raise ResourceExhausted(f"all {len(serving)} {role.value} nodes are at their request limit",
+                                    retry_after_s=0.5)
         return min(candidates, key=NodeHandle.load)
 
     def status(self) -> list[NodeStatus]:

@@ -16,27 +16,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import grpc
 
 from pdgrpc import convert, metrics
 from pdgrpc.coordinator.pool import NodeHandle, NodePool
-from pdgrpc.errors import InvalidArgument, PdgrpcError, ResourceExhausted, Unavailable
+from pdgrpc.errors import Code, InvalidArgument, PdgrpcError, ResourceExhausted, Unavailable
 from pdgrpc.grpcutil import error_from_rpc
 from pdgrpc.kvstore.client import KVStoreClient
 from pdgrpc.types import (
     REQUEST_ID_RE, DecodeFinished, DecodeKVDone, DecodeStart, FinishReason, GenerateDelta, GenerateEvent,
-    GenerateFinal, GenerateRequest, KVDescriptor, KVLoaded, PrefillDone, PrefillRequest, PrefillStarted, Role,
+    GenerateFinal, GenerateRequest, KVDescriptor, KVLoaded, PrefillDone, PrefillRequest, PrefillStarted, Prompt, Role,
     Timings, TokenOut,
 )
 
 log = logging.getLogger(__name__)
 LATE_RELEASE_DELAY_S = 2.0
+MAX_RETRIES = 3            # attempts after the first, when nodes die mid-request
+DEFAULT_KV_LEASE_S = 60.0  # what nodes give published KV; renewed while the request lives
 
 
 @dataclass
@@ -56,15 +59,62 @@ class _Progress:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     model: str = ""
+    queue_s: float = 0.0
+
+
+class _NodeFailed(Exception):
+    """A node died or stopped answering during an attempt; the request may go on elsewhere."""
+
+    def __init__(self, node: NodeHandle, error: PdgrpcError) -> None:
+        super().__init__(error.message)
+        self.node = node
+        self.error = error
+
+
+@dataclass
+class _RequestState:
+    """What survives from one attempt to the next."""
+
+    request_id: str
+    attempt: int = 0
+    prompt_ids: list[int] | None = None                   # after tokenization by the first prefill
+    generated: list[int] = field(default_factory=list)    # tokens already sent to the client
+
+    def owner(self) -> str:
+        """Owner of this attempt's KV: distinct per attempt, so releasing a failed attempt's KV
+        never touches the next attempt's."""
+        return self.request_id if self.attempt == 0 else f"{self.request_id}.r{self.attempt}"
 
 
 class Router:
-    def __init__(self, pool: NodePool, store: KVStoreClient, max_inflight: int) -> None:
+    def __init__(self, pool: NodePool, store: KVStoreClient, max_inflight: int,
+                 kv_lease_s: float = DEFAULT_KV_LEASE_S) -> None:
         self.pool = pool
         self.store = store
         self.max_inflight = max_inflight
+        self.kv_lease_s = kv_lease_s
         self.inflight = 0
         self._background: set[asyncio.Task] = set()
+        self._live_owners: set[str] = set()
+        self._renewer: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._renewer = asyncio.create_task(self._renew_leases(), name="lease-renewer")
+
+    async def close(self) -> None:
+        if self._renewer:
+            self._renewer.cancel()
+
+    async def _renew_leases(self) -> None:
+        """Live requests keep their KV: renew at a third of the lease, so only the KV of requests
+        nobody serves any more (a coordinator or node gone) ever expires."""
+        while True:
+            await asyncio.sleep(self.kv_lease_s / 3)
+            for owner in list(self._live_owners):
+                try:
+                    await self.store.renew(owner, self.kv_lease_s)
+                except PdgrpcError as exc:
+                    log.warning("lease renewal for %s failed: %s", owner, exc)
 
     async def generate(self, req: GenerateRequest, timeout_s: float | None) -> AsyncIterator[GenerateEvent]:
         p = _Progress(arrival=time.monotonic())
@@ -79,18 +129,51 @@ class Router:
             async for ev in self._generate_colocated(req, rid, p, timeout_s):
                 yield ev
             return
-        prefill_node = self.pool.pick(Role.PREFILL)
-        decode_node = self.pool.pick(Role.DECODE)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         self.inflight += 1
+        metrics.REQUESTS_INFLIGHT.labels("coordinator").set(self.inflight)
+        state = _RequestState(rid)
+        failed: list[NodeHandle] = []
+        try:
+            while True:
+                prefill_node = self.pool.pick(Role.PREFILL, exclude=tuple(failed))
+                decode_node = self.pool.pick(Role.DECODE, exclude=tuple(failed))
+                if not p.queue_s:
+                    p.queue_s = time.monotonic() - p.arrival
+                try:
+                    async for ev in self._attempt(req, state, p, prefill_node, decode_node, deadline):
+                        yield ev
+                    return
+                except _NodeFailed as failure:
+                    # A node died (or would not answer): go on elsewhere if anything is left to try.
+                    failed.append(failure.node)
+                    state.attempt += 1
+                    metrics.REQUEST_RETRIES.labels(failure.node.role.value).inc()
+                    log.warning("request %s: %s; retrying (attempt %d, %d tokens already sent)", rid,
+                                failure.error.message, state.attempt, len(state.generated))
+                    if state.attempt > MAX_RETRIES or (deadline is not None and time.monotonic() >= deadline):
+                        raise failure.error from None
+        finally:
+            self.inflight -= 1
+            metrics.REQUESTS_INFLIGHT.labels("coordinator").set(self.inflight)
+
+    async def _attempt(self, req: GenerateRequest, state: "_RequestState", p: _Progress, prefill_node: NodeHandle,
+                       decode_node: NodeHandle, deadline: float | None) -> AsyncIterator[GenerateEvent]:
+        """One prefill + decode pair. A retry after tokens were sent continues the sequence: prefill
+        gets prompt + tokens sent so far and only the tokens still owed are generated."""
+        owner = state.owner()
+        if state.prompt_ids is None:
+            prompt, sampling = req.prompt, req.sampling
+        else:
+            prompt = Prompt(token_ids=tuple(state.prompt_ids) + tuple(state.generated))
+            sampling = dataclasses.replace(req.sampling, max_tokens=req.sampling.max_tokens - len(state.generated))
         prefill_node.inflight += 1
         decode_node.inflight += 1
-        metrics.REQUESTS_INFLIGHT.labels("coordinator").set(self.inflight)
-        queue_s = time.monotonic() - p.arrival
         out: asyncio.Queue = asyncio.Queue()
         to_decode: asyncio.Queue = asyncio.Queue()
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         tasks: list[asyncio.Task] = []
         received_at: dict[int, float] = {}
+        groups = loaded = 0
         finished = False
 
         def remaining() -> float | None:
@@ -104,16 +187,19 @@ class Router:
                     metrics.KV_TRANSFER.labels("coordinator", "deliver").observe(time.monotonic() - received)
 
         async def read_decode(call) -> None:
+            nonlocal loaded
             try:
                 async for msg in call:
                     ev = convert.decode_event_from_pb(msg)
                     if isinstance(ev, KVLoaded):
-                        p.loaded += 1
-                        if p.prefill_done and p.loaded == p.groups:
-                            p.all_loaded = time.monotonic()
+                        loaded += 1
+                        if state.attempt == 0:
+                            p.loaded = loaded
+                            if p.prefill_done and loaded == p.groups:
+                                p.all_loaded = time.monotonic()
                     elif isinstance(ev, TokenOut):
                         out.put_nowait(GenerateDelta(ev.text, (ev.token_id,),
-                                                     (ev.logprob,) if req.sampling.logprobs else ()))
+                                                     (ev.logprob,) if sampling.logprobs else ()))
                     elif isinstance(ev, DecodeFinished):
                         out.put_nowait(ev)
                         return
@@ -124,27 +210,32 @@ class Router:
                 out.put_nowait(exc)
 
         async def pump_prefill() -> None:
-            p.prefill_sent = time.monotonic()
+            nonlocal groups
+            sent = time.monotonic()
             call = prefill_node.stub.Prefill(
-                convert.prefill_request_to_pb(PrefillRequest(rid, req.prompt, req.sampling)), timeout=remaining())
+                convert.prefill_request_to_pb(PrefillRequest(owner, prompt, sampling)), timeout=remaining())
             try:
                 async for msg in call:
                     ev = convert.prefill_event_from_pb(msg)
                     if isinstance(ev, PrefillStarted):
-                        p.prompt_tokens = len(ev.prompt_token_ids)
-                        p.model = ev.model.name
-                        to_decode.put_nowait(DecodeStart(rid, ev.prompt_token_ids, req.sampling, ev.model.fingerprint))
+                        if state.prompt_ids is None:
+                            state.prompt_ids = list(ev.prompt_token_ids)
+                            p.prompt_tokens, p.model, p.prefill_sent = len(ev.prompt_token_ids), ev.model.name, sent
+                        to_decode.put_nowait(DecodeStart(owner, ev.prompt_token_ids, sampling, ev.model.fingerprint))
                         dcall = decode_node.stub.Decode(decode_requests(), timeout=remaining())
                         tasks.append(asyncio.create_task(read_decode(dcall)))
                     elif isinstance(ev, KVDescriptor):
-                        p.groups += 1
-                        p.last_descriptor = received_at[ev.group_index] = time.monotonic()
+                        groups += 1
+                        received_at[ev.group_index] = time.monotonic()
+                        if state.attempt == 0:
+                            p.groups, p.last_descriptor = groups, received_at[ev.group_index]
                         to_decode.put_nowait(ev)
                     elif isinstance(ev, PrefillDone):
-                        p.prefill_done = time.monotonic()
-                        p.loaded_before_prefill_done = p.loaded
-                        if p.loaded == p.groups:
-                            p.all_loaded = p.prefill_done
+                        if state.attempt == 0:
+                            p.prefill_done = time.monotonic()
+                            p.loaded_before_prefill_done = loaded
+                            if loaded == groups:
+                                p.all_loaded = p.prefill_done
                         out.put_nowait(ev)
                         if ev.finish_reason is FinishReason.UNSPECIFIED:
                             to_decode.put_nowait(DecodeKVDone(ev.first_token_id, ev.kv_groups))
@@ -158,42 +249,50 @@ class Router:
 
         try:
             tasks.append(asyncio.create_task(pump_prefill()))
+            self._live_owners.add(owner)
             while True:
                 ev = await out.get()
+                if isinstance(ev, _NodeFailed):
+                    raise ev
                 if isinstance(ev, BaseException):
                     raise ev
                 now = time.monotonic()
                 if isinstance(ev, PrefillDone):
-                    p.first_token = p.last_token = now
-                    p.completion_tokens = 1
-                    metrics.TIME_TO_FIRST_TOKEN.labels(p.model).observe(now - p.arrival)
-                    yield GenerateDelta(ev.first_token_text, (ev.first_token_id,),
-                                        (ev.first_token_logprob,) if req.sampling.logprobs else ())
+                    delta = GenerateDelta(ev.first_token_text, (ev.first_token_id,),
+                                          (ev.first_token_logprob,) if sampling.logprobs else ())
+                    if not p.first_token:
+                        p.first_token = now
+                        metrics.TIME_TO_FIRST_TOKEN.labels(p.model).observe(now - p.arrival)
+                    else:
+                        metrics.INTER_TOKEN_LATENCY.labels(p.model).observe(now - p.last_token)
+                    p.last_token = now
+                    state.generated.append(ev.first_token_id)
+                    yield delta
                     if ev.finish_reason is not FinishReason.UNSPECIFIED:
                         reason = ev.finish_reason
                         break
                 elif isinstance(ev, GenerateDelta):
                     metrics.INTER_TOKEN_LATENCY.labels(p.model).observe(now - p.last_token)
                     p.last_token = now
-                    p.completion_tokens += 1
+                    state.generated.extend(ev.token_ids)
                     yield ev
                 elif isinstance(ev, DecodeFinished):
                     reason = ev.finish_reason
                     break
             finished = True
-            yield self._final(rid, reason, p, queue_s, prefill_node, decode_node)
+            p.completion_tokens = len(state.generated)
+            yield self._final(state.request_id, reason, p, p.queue_s, prefill_node, decode_node)
         finally:
+            self._live_owners.discard(owner)
             for t in tasks:
                 t.cancel()
             for t in tasks:
                 with contextlib.suppress(BaseException):
                     await t
-            self.inflight -= 1
             prefill_node.inflight -= 1
             decode_node.inflight -= 1
-            metrics.REQUESTS_INFLIGHT.labels("coordinator").set(self.inflight)
-            if not finished or p.loaded < p.groups:
-                self._release_later(rid)
+            if not finished or loaded < groups:
+                self._release_later(owner)
 
     async def _generate_colocated(self, req: GenerateRequest, rid: str, p: _Progress,
                                   timeout_s: float | None) -> AsyncIterator[GenerateEvent]:
@@ -228,7 +327,8 @@ class Router:
                     return
             raise Unavailable(f"colocated node {node.name} ended the stream without finishing")
         except grpc.aio.AioRpcError as exc:
-            raise self._downstream_error(exc, node) from None
+            err = self._downstream_error(exc, node)
+            raise (err.error if isinstance(err, _NodeFailed) else err) from None
         finally:
             call.cancel()
             self.inflight -= 1
@@ -258,10 +358,13 @@ class Router:
         return GenerateFinal(rid, reason, p.prompt_tokens, p.completion_tokens, timings,
                              prefill_node.name, decode_node.name)
 
-    def _downstream_error(self, exc: grpc.aio.AioRpcError, node: NodeHandle) -> PdgrpcError:
+    def _downstream_error(self, exc: grpc.aio.AioRpcError, node: NodeHandle) -> BaseException:
+        """A failed downstream call: _NodeFailed when the node itself is gone (retry elsewhere),
+        otherwise the domain error with the node's own status (bad input is not retried)."""
         err = error_from_rpc(exc, f"{node.role.value} node {node.name}")
-        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        if err.code is Code.UNAVAILABLE:
             self.pool.mark_unreachable(node)
+            return _NodeFailed(node, err)
         return err
 
     def _release_later(self, rid: str) -> None:

@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from pdgrpc.engine.base import DecodeWork, Engine, KVGroup, PrefillWork, SampledToken, Tokenizer
-from pdgrpc.errors import InvalidArgument
+from pdgrpc.errors import FailedPrecondition, InvalidArgument
 from pdgrpc.types import ModelSpec
 
 _BYTE_OFFSET = 3
@@ -67,7 +67,7 @@ class ByteTokenizer(Tokenizer):
 @dataclass
 class _MockSequence:
     work: DecodeWork
-    groups: dict[int, bytes] = field(default_factory=dict)
+    groups: dict[int, np.ndarray] = field(default_factory=dict)
     digest: int = 0
     last_token: int = 0
     position: int = 0
@@ -93,29 +93,42 @@ class MockEngine(Engine):
 
     # ---- KV content -----------------------------------------------------------------------
 
-    def kv_bytes(self, token_ids: list[int], layer_start: int, layer_end: int) -> bytes:
-        """KV of the given layers for the whole prompt, [layer][kv][head][token][dim]."""
+    def _kv_array(self, token_ids: list[int], layer_start: int, layer_end: int, first_position: int = 0):
+        """KV of the given layers for the tokens, [layer][kv][head][token][dim], in the KV dtype."""
         c = self.config
         ids = np.asarray(token_ids, dtype=np.int64)
-        pos = np.arange(len(ids), dtype=np.int64)
+        pos = np.arange(len(ids), dtype=np.int64) + first_position
         layer = np.arange(layer_start, layer_end, dtype=np.int64)[:, None, None, None]
         kind = np.arange(2, dtype=np.int64)[None, :, None, None]
         head = np.arange(c.num_kv_heads, dtype=np.int64)[None, None, :, None]
         base = (ids * 131 + pos * 7)[None, None, None, :] + layer * 17 + kind * 3 + head
         vals = (base % 1009).astype(np.float32) / 1009.0
-        dims = (np.arange(c.head_dim, dtype=np.float32) / 4096.0)
-        arr = vals[..., None] + dims  # [L, 2, H, T, D]
+        arr = vals[..., None] + np.arange(c.head_dim, dtype=np.float32) / 4096.0  # [L, 2, H, T, D]
         if c.dtype == "float16":
-            return arr.astype(np.float16).tobytes()
+            return arr.astype(np.float16)
         if c.dtype == "bfloat16":
-            return (arr.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16).tobytes()
-        return arr.astype(np.float32).tobytes()
+            return (arr.view(np.uint32) >> 16).astype(np.uint16)
+        return arr
 
-    def _next_token(self, digest: int, last_token: int, position: int, work_seed: int | None,
-                    temperature: float) -> int:
-        h = zlib.crc32(f"{digest}:{last_token}:{position}".encode())
+    def kv_bytes(self, token_ids: list[int], layer_start: int, layer_end: int) -> bytes:
+        return self._kv_array(token_ids, layer_start, layer_end).tobytes()
+
+    def _kv_from_bytes(self, data, layers: int, tokens: int):
+        dt = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[self.config.dtype]
+        c = self.config
+        return np.frombuffer(data, dtype=dt).reshape(layers, 2, c.num_kv_heads, tokens, c.head_dim)
+
+    @staticmethod
+    def _digest(kv, previous: int = 0) -> int:
+        """CRC of the KV token by token (all layers of token 0, then token 1, ...), chained onto
+        ``previous``: the state after a prompt plus generated tokens is the same whether their KV came
+        from one prefill or from prefill and decode steps, as with a real model's cache."""
+        return zlib.crc32(np.ascontiguousarray(kv.transpose(3, 0, 1, 2, 4)).tobytes(), previous)
+
+    def _next_token(self, digest: int, position: int, seed: int | None, temperature: float) -> int:
+        h = zlib.crc32(f"{digest}:{position}".encode())
         if temperature > 0:
-            rng = np.random.default_rng([work_seed if work_seed is not None else time.time_ns(), position])
+            rng = np.random.default_rng([seed if seed is not None else time.time_ns(), position])
             h ^= int(rng.integers(0, 2**31))
         return _ALPHABET[h % len(_ALPHABET)]
 
@@ -126,7 +139,7 @@ class MockEngine(Engine):
         for index, work in enumerate(works):
             ids = work.prompt_token_ids
             self._check_ids(ids)
-            digest = 0
+            parts = []
             groups = range(0, c.num_layers, c.layers_per_group)
             group_cost = c.prefill_cost_per_token_s * len(ids) / len(groups)
             for start in groups:
@@ -135,12 +148,12 @@ class MockEngine(Engine):
                 end = min(start + c.layers_per_group, c.num_layers)
                 if group_cost:
                     time.sleep(group_cost)
-                data = self.kv_bytes(ids, start, end)
-                digest = zlib.crc32(data, digest)
-                yield index, KVGroup(start, end, 0, len(ids), data)
+                parts.append(self._kv_array(ids, start, end))
+                yield index, KVGroup(start, end, 0, len(ids), parts[-1].tobytes())
             else:
+                digest = self._digest(np.concatenate(parts))
                 s = work.sampling
-                yield index, SampledToken(self._next_token(digest, ids[-1], len(ids), s.seed, s.temperature))
+                yield index, SampledToken(self._next_token(digest, len(ids), s.seed, s.temperature))
 
     def _check_ids(self, ids: list[int]) -> None:
         bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
@@ -154,19 +167,20 @@ class MockEngine(Engine):
         return _MockSequence(work)
 
     def load_kv(self, seq: _MockSequence, group: KVGroup) -> None:
-        expected = self.spec.kv_bytes(group.layer_end - group.layer_start, group.token_end - group.token_start)
+        layers, tokens = group.layer_end - group.layer_start, group.token_end - group.token_start
+        expected = self.spec.kv_bytes(layers, tokens)
         if len(group.data) != expected:
             raise InvalidArgument(f"KV group has {len(group.data)} bytes, layout says {expected}")
-        seq.groups[group.layer_start] = bytes(group.data)
+        seq.groups[group.layer_start] = self._kv_from_bytes(bytes(group.data), layers, tokens)
 
     def start_decoding(self, seq: _MockSequence, first_token_id: int) -> None:
-        digest = 0
-        for start in sorted(seq.groups):
-            digest = zlib.crc32(seq.groups[start], digest)
+        kv = np.concatenate([seq.groups[start] for start in sorted(seq.groups)])
+        if kv.shape[0] != self.config.num_layers:
+            raise FailedPrecondition(f"KV covers {kv.shape[0]} of {self.config.num_layers} layers")
         seq.groups.clear()  # the digest is all the mock keeps of its "cache"
-        seq.digest = digest
+        seq.digest = self._digest(kv)
         seq.last_token = first_token_id
-        seq.position = len(seq.work.prompt_token_ids) + 1
+        seq.position = len(seq.work.prompt_token_ids)  # position of last_token
 
     def decode_step(self, seqs: list[_MockSequence]) -> list[SampledToken]:
         if self.config.decode_cost_per_step_s:
@@ -174,9 +188,11 @@ class MockEngine(Engine):
         out = []
         for seq in seqs:
             s = seq.work.sampling
-            tok = self._next_token(seq.digest, seq.last_token, seq.position, s.seed, s.temperature)
-            seq.last_token, seq.position = tok, seq.position + 1
-            out.append(SampledToken(tok))
+            kv = self._kv_array([seq.last_token], 0, self.config.num_layers, seq.position)
+            seq.digest = self._digest(kv, seq.digest)
+            seq.position += 1
+            seq.last_token = self._next_token(seq.digest, seq.position, s.seed, s.temperature)
+            out.append(SampledToken(seq.last_token))
         return out
 
     def free_sequence(self, seq: _MockSequence) -> None:

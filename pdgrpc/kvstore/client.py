@@ -74,6 +74,7 @@ class KVStoreClient:
         self.address = address
         self._base = f"http://{address}"
         self._host = address.rsplit(":", 1)[0].strip("[]")
+        self._port = address.rsplit(":", 1)[1]
         self._token = token
         self._use_shm = use_shm
         self.shm_min_bytes = shm_min_bytes
@@ -107,7 +108,7 @@ class KVStoreClient:
 
     async def _put_shm(self, key: str, view: memoryview, crc: int, *, owner: str, lease_s: float,
                        location: str) -> PutResult:
-        name = shm.new_segment_name()
+        name = shm.new_segment_name(self._port)
         try:
             await _maybe_thread(shm.create_segment, name, view, size=view.nbytes)
         except OSError as exc:

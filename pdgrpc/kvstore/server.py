@@ -47,6 +47,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics, generate_latest
 
+from pdgrpc import sdnotify
 from pdgrpc.errors import (DataLoss, FailedPrecondition, InvalidArgument, NotFound, PdgrpcError,
                            ResourceExhausted, Unavailable)
 from pdgrpc.kvstore import shm
@@ -482,7 +483,11 @@ async def serve(config: StoreConfig) -> int:
         return 1
     port = runner.addresses[0][1] if runner.addresses else config.port  # the real one when --port 0
     where = _hostport(config.host, port)
+    leftovers = shm.remove_scope(str(port))
+    if leftovers:
+        log.warning("removed %d shared-memory segments left by a previous store on port %d", leftovers, port)
     print(f"kvstore store listening on {where} metrics {where}", flush=True)
+    sdnotify.notify("READY=1")
     log.info("max memory %d bytes, default lease %ss, token %s", config.max_memory, config.default_lease_s,
              "required" if config.token else "off")
     stop = asyncio.Event()
@@ -492,6 +497,7 @@ async def serve(config: StoreConfig) -> int:
     try:
         await stop.wait()
     finally:
+        sdnotify.notify("STOPPING=1")
         log.info("shutting down: releasing %d entries", len(store.table))
         await runner.cleanup()
     return 0

@@ -46,9 +46,25 @@ def segment_path(name: str) -> str:
     return os.path.join(SHM_DIR, validate_name(name))
 
 
-def new_segment_name() -> str:
-    """A fresh, unguessable segment name."""
-    return SHM_PREFIX + uuid.uuid4().hex
+def new_segment_name(scope: str = "") -> str:
+    """A fresh, unguessable segment name; ``scope`` (the store's port) groups the segments of one
+    store, so a restarted store can remove what its previous instance left behind."""
+    return SHM_PREFIX + (f"{scope}-" if scope else "") + uuid.uuid4().hex
+
+
+def remove_scope(scope: str) -> int:
+    """Unlink every segment of ``scope`` (leftovers of a store that was killed); return how many."""
+    removed = 0
+    prefix = f"{SHM_PREFIX}{scope}-"
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return 0
+    for name in names:
+        if name.startswith(prefix) and SHM_NAME_RE.fullmatch(name):
+            unlink_segment(name)
+            removed += 1
+    return removed
 
 
 def create_segment(name: str, data: bytes | bytearray | memoryview) -> int:

@@ -38,6 +38,7 @@ class PrefillLimits:
     max_requests: int = 64          # running + queued; more is RESOURCE_EXHAUSTED
     batch_token_budget: int = 4096  # prompt tokens per engine batch
     kv_lease_s: float = 60.0        # default lease of published KV
+    store_full_wait_s: float = 2.0  # how long a publish waits for room in a full store
 
 
 @dataclass
@@ -163,7 +164,7 @@ class PrefillService:
         held = spec.kv_bytes(group.layer_end - group.layer_start, group.token_end - group.token_start)
         metrics.NODE_KV_CACHE.labels("prefill", self.node).inc(held)
         try:
-            put = await self.store.put(key, group.data, owner=request_id, lease_s=lease_s)
+            put = await self._put_waiting_for_room(key, group.data, request_id, lease_s)
         except ResourceExhausted:
             metrics.KV_TRANSFER_FAILURES.labels("prefill", "store_full").inc()
             raise
@@ -180,6 +181,20 @@ class PrefillService:
             size_bytes=put.size, crc32=put.crc32, lease_expiry_unix=put.lease_expiry_unix, shm_name=put.shm_name,
             group_index=index,
         )
+
+    async def _put_waiting_for_room(self, key: str, data, owner: str, lease_s: float):
+        """A full store is usually full for a moment (decode releases KV as it loads it): wait with
+        backoff up to ``store_full_wait_s``, then fail with RESOURCE_EXHAUSTED. Never drop KV."""
+        deadline = time.monotonic() + self.limits.store_full_wait_s
+        delay = 0.02
+        while True:
+            try:
+                return await self.store.put(key, data, owner=owner, lease_s=lease_s)
+            except ResourceExhausted as exc:
+                if time.monotonic() + delay > deadline:
+                    raise ResourceExhausted(f"KV store full: {exc.message}", retry_after_s=1.0) from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.25)
 
     async def _release(self, keys: list[str]) -> None:
         for key in keys:

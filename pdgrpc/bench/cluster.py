@@ -1,0 +1,252 @@
+"""Clusters for the benchmarks, each started with ``pdgrpc up --config`` on its own free ports.
+
+A setup is a name plus the cluster file's text. Several run at once on the same cores (idle ones cost
+next to nothing), so the benchmark can interleave them and machine noise hits all of them alike.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_base(taken: set[int]) -> int:
+    """A port base whose derived ports (see pdgrpc.config) and their metrics ports are all free."""
+    for _ in range(500):
+        base = random.randrange(20000, 38000, 100)
+        if base in taken:
+            continue
+        ports = [base, base + 1, *range(base + 10, base + 14), *range(base + 40, base + 44),
+                 *range(base + 70, base + 74)]
+        if all(_port_free(p) and _port_free(p + 1000) for p in ports):
+            taken.add(base)
+            return base
+    raise RuntimeError("no free port range")
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    role: str  # prefill | decode | colocated
+    cpus: tuple[int, ...] = ()
+    threads: int = 0
+
+
+@dataclass(frozen=True)
+class SetupSpec:
+    """One cluster shape to benchmark."""
+
+    name: str
+    nodes: tuple[NodeSpec, ...]
+    description: str = ""
+
+    @property
+    def mode(self) -> str:
+        return "colocated" if all(n.role == "colocated" for n in self.nodes) else "disaggregated"
+
+    def config_text(self, base: int, engine: dict, max_inflight: int = 4096) -> str:
+        lines = [f"port_base = {base}", f'mode = "{self.mode}"', "", "[store]", 'max_memory = "4GB"', "",
+                 "[coordinator]", f"max_inflight = {max_inflight}", "", "[defaults]"]
+        for k, v in engine.items():
+            lines.append(f"{k} = {_toml(v)}")
+        for n in self.nodes:
+            lines += ["", f"[[{n.role}]]", f"cpus = {list(n.cpus)}"]
+            if n.threads:
+                lines.append(f"threads = {n.threads}")
+        return "\n".join(lines) + "\n"
+
+
+def _toml(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(v)
+
+
+def standard_setups(cores: list[int]) -> dict[str, SetupSpec]:
+    """The shapes compared on this machine's cores (P:D on separate cores needs at least two)."""
+    half = max(len(cores) // 2, 1)
+    first, rest = tuple(cores[:half]), tuple(cores[half:] or cores)
+    every = tuple(cores)
+    specs = [
+        SetupSpec("disagg", (NodeSpec("prefill", first), NodeSpec("decode", rest)),
+                  f"1 prefill on cores {list(first)}, 1 decode on cores {list(rest)}"),
+        SetupSpec("disagg-shared", (NodeSpec("prefill", every), NodeSpec("decode", every)),
+                  f"1 prefill and 1 decode, both allowed on cores {list(every)} (decode: half the threads)"),
+        SetupSpec("colocated", (NodeSpec("colocated", every),),
+                  f"1 colocated node on cores {list(every)}, {len(every)} threads"),
+        SetupSpec("colocated-split", tuple(NodeSpec("colocated", (c,)) for c in cores),
+                  f"{len(cores)} colocated nodes, one per core"),
+    ]
+    return {s.name: s for s in specs}
+
+
+def process_role(pid: int) -> str:
+    """coordinator / prefill-N / decode-N / colocated-N / store, from a child's command line."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return "?"
+    if "kvstore" in argv:
+        return "store"
+    if "coordinator" in argv:
+        return "coordinator"
+    for role in ("prefill", "decode", "colocated"):
+        if role in argv:
+            name = argv[argv.index("--name") + 1] if "--name" in argv else role
+            return name
+    return "?"
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(x) for x in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds the process has used (all its threads)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+@dataclass
+class Setup:
+    """A running cluster: the ``pdgrpc up`` process and where its coordinator listens."""
+
+    spec: SetupSpec
+    engine: dict
+    base: int = 0
+    proc: subprocess.Popen | None = None
+    config_path: str = ""
+    lines: list[str] = field(default_factory=list)
+    ready: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.base}"
+
+    def start(self, taken: set[int]) -> "Setup":
+        self.base = free_base(taken)
+        fd, self.config_path = tempfile.mkstemp(prefix=f"bench-{self.name}-", suffix=".toml")
+        with os.fdopen(fd, "w") as f:
+            f.write(self.spec.config_text(self.base, self.engine))
+        self.proc = subprocess.Popen([sys.executable, "-m", "pdgrpc", "up", "--config", self.config_path],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        threading.Thread(target=self._watch, daemon=True).start()
+        return self
+
+    def _watch(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if line.startswith("cluster ready"):
+                self.ready.set()
+
+    def wait(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.ready.wait(0.2):
+            if self.proc is None or self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = "\n".join(self.lines[-30:])
+                raise RuntimeError(f"setup {self.name} did not start:\n{tail}")
+
+    def pids(self) -> dict[str, int]:
+        """Role name -> pid of every process of the cluster."""
+        if self.proc is None:
+            return {}
+        return {process_role(p): p for p in children(self.proc.pid)}
+
+    def cpu_by_process(self) -> dict[str, float]:
+        return {role: cpu_seconds(pid) for role, pid in self.pids().items()}
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.config_path:
+            try:
+                os.unlink(self.config_path)
+            except OSError:
+                pass
+
+
+def start_setups(specs: list[SetupSpec], engine: dict, timeout_s: float = 600) -> list[Setup]:
+    """Start every setup at once and wait for all; on failure stop those already started."""
+    taken: set[int] = set()
+    setups = [Setup(s, engine) for s in specs]
+    try:
+        for s in setups:
+            s.start(taken)
+        for s in setups:
+            s.wait(timeout_s)
+    except BaseException:
+        for s in setups:
+            s.stop()
+        raise
+    return setups
+
+
+def machine_info() -> dict:
+    """What the numbers ran on."""
+    info = {"cpus_allowed": len(os.sched_getaffinity(0)), "cpu_count": os.cpu_count(),
+            "python": platform.python_version(), "platform": platform.platform()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+        with open("/proc/meminfo") as f:
+            info["memory_gib"] = round(int(f.readline().split()[1]) / (1 << 20), 1)
+    except OSError:
+        pass
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+    except ImportError:
+        pass
+    return info

@@ -1,0 +1,295 @@
+"""`pdgrpc bench serve`: latency and goodput of disaggregated vs colocated serving on the same cores.
+
+Starts one cluster per setup (``pdgrpc up --config``, all at once, on the same cores), then for each
+request rate sends the same seeded requests at the same Poisson arrival times to each setup in turn
+(the order alternates from rate to rate), and reports TTFT, TPOT, ITL and end-to-end latency
+(p50/p90/p99), throughput and goodput (requests meeting both the TTFT and the TPOT SLO). Rate 0
+means one request at a time, each setup in turn for every request (the low-load TTFT comparison).
+Writes ``<out>/serve.json``, ``<out>/serve_requests.json`` and the PNG plots.
+
+    pdgrpc bench serve --engine torch --workload mixed --rates 0.3 0.6 --duration-s 40
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+
+from pdgrpc.bench import cluster as cl
+from pdgrpc.bench.driver import progress_bar, run_open_loop, send_one
+from pdgrpc.bench.stats import RequestResult, by_kind, max_rate_at_attainment, result_dict, summarize
+from pdgrpc.bench.workloads import WORKLOADS, WorkloadSpec, poisson_arrivals
+from pdgrpc.client import AsyncClient
+
+VLLM_NOTE = ("vLLM peer skipped: the 'vllm' package is not installed here (pip install -e '.[vllm]'; see "
+             "/work/shared/engine-notes.md for how it runs on CPU). Driving vLLM's own disaggregated serving "
+             "(two OpenAI servers with its example KV connector and a proxy) comes with the vLLM issue.")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--engine", default="torch", help="torch (SmolLM2) or mock")
+    p.add_argument("--model", default="", help="model folder (engine default when empty)")
+    p.add_argument("--dtype", default="", help="engine dtype (default float32)")
+    p.add_argument("--mock-prefill-cost-per-token-s", type=float, default=0.0)
+    p.add_argument("--mock-decode-cost-per-step-s", type=float, default=0.0)
+    p.add_argument("--workload", default="chat", help=f"{', '.join(WORKLOADS)} or jsonl:PATH")
+    p.add_argument("--rates", type=float, nargs="+", default=[0.25, 0.5, 1.0],
+                   help="request rates to sweep (req/s, Poisson); 0 = one request at a time")
+    p.add_argument("--duration-s", type=float, default=30.0, help="arrival window per rate")
+    p.add_argument("--min-requests", type=int, default=8, help="at least this many requests per rate")
+    p.add_argument("--max-requests", type=int, default=400, help="at most this many requests per rate")
+    p.add_argument("--sequential-requests", type=int, default=8, help="requests at rate 0 (one at a time)")
+    p.add_argument("--setups", default="disagg,colocated",
+                   help="comma-separated: disagg, disagg-shared, colocated, colocated-split")
+    p.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT SLO (default: the workload's)")
+    p.add_argument("--slo-tpot-ms", type=float, default=None, help="TPOT SLO (default: the workload's)")
+    p.add_argument("--attainment-goal", type=float, default=0.9, help="DistServe attainment goal")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt-scale", type=float, default=1.0, help="multiply the workload's prompt lengths")
+    p.add_argument("--output-scale", type=float, default=1.0, help="multiply the workload's output lengths")
+    p.add_argument("--max-output", type=int, default=0, help="cap output tokens (0: none)")
+    p.add_argument("--vocab", type=int, default=49152, help="synthetic token ids are drawn below this")
+    p.add_argument("--warmup", type=int, default=2, help="requests per setup before measuring")
+    p.add_argument("--cooldown-s", type=float, default=2.0, help="idle time between runs")
+    p.add_argument("--gap-s", type=float, default=0.3, help="idle time before each request at rate 0")
+    p.add_argument("--request-timeout-s", type=float, default=300.0)
+    p.add_argument("--drain-timeout-s", type=float, default=180.0, help="wait at most this after the last arrival")
+    p.add_argument("--start-timeout-s", type=float, default=600.0)
+    p.add_argument("--peer", choices=["vllm"], action="append", default=[],
+                   help="also drive another system on the same cores (vllm: its own disaggregated serving)")
+    p.add_argument("--out", default="bench-results/serve", help="output folder")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _engine(args) -> dict:
+    e: dict = {"engine": args.engine}
+    if args.model:
+        e["model"] = args.model
+    if args.dtype:
+        e["dtype"] = args.dtype
+    if args.engine == "mock":
+        e["mock_prefill_cost_per_token_s"] = args.mock_prefill_cost_per_token_s
+        e["mock_decode_cost_per_step_s"] = args.mock_decode_cost_per_step_s
+    return e
+
+
+def _n_requests(rate: float, args) -> int:
+    if rate <= 0:
+        return args.sequential_requests
+    return max(args.min_requests, min(args.max_requests, round(rate * args.duration_s)))
+
+
+def _cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: round(after[k] - before.get(k, 0.0), 3) for k in sorted(after)}
+
+
+async def _warm(setups: list[cl.Setup], wl: WorkloadSpec, n: int, timeout_s: float) -> None:
+    reqs = wl.requests(max(n, 1), seed=10_000)
+    for s in setups:
+        async with AsyncClient(s.address, timeout_s=timeout_s) as c:
+            for r in reqs[:n]:
+                res = await send_one(c, r, RequestResult(r.index), time.perf_counter(), timeout_s)
+                if res.error:
+                    raise RuntimeError(f"warm-up on {s.name} failed: {res.error}")
+
+
+async def _sequential(setups: list[cl.Setup], reqs, args, bar) -> dict[str, tuple[list[RequestResult], float]]:
+    """Rate 0: each request to every setup in turn (order alternating), idle gap before each."""
+    out: dict[str, list[RequestResult]] = {s.name: [] for s in setups}
+    clients = {s.name: AsyncClient(s.address, timeout_s=args.request_timeout_s) for s in setups}
+    busy = {s.name: 0.0 for s in setups}
+    try:
+        for i, r in enumerate(reqs):
+            for s in (setups if i % 2 == 0 else setups[::-1]):
+                await asyncio.sleep(args.gap_s)
+                res = await send_one(clients[s.name], r, RequestResult(r.index, r.kind), time.perf_counter(),
+                                     args.request_timeout_s)
+                out[s.name].append(res)
+                busy[s.name] += res.e2e_s or 0.0
+                bar.update(1)
+    finally:
+        for c in clients.values():
+            await c.close()
+    return {name: (res, busy[name]) for name, res in out.items()}
+
+
+async def _sweep(setups: list[cl.Setup], wl: WorkloadSpec, args, slo_ttft_s: float, slo_tpot_s: float,
+                 report: dict, raw: dict) -> None:
+    await _warm(setups, wl, args.warmup, args.request_timeout_s)
+    for k, rate in enumerate(args.rates):
+        n = _n_requests(rate, args)
+        reqs = wl.requests(n, seed=args.seed)
+        kw = {"offered_rate": rate, "slo_ttft_s": slo_ttft_s, "slo_tpot_s": slo_tpot_s}
+        if rate <= 0:
+            bar = progress_bar(n * len(setups), "one at a time", not args.no_progress)
+            before = {s.name: s.cpu_by_process() for s in setups}
+            seq = await _sequential(setups, reqs, args, bar)
+            bar.close()
+            for s in setups:
+                results, busy = seq[s.name]
+                _record(report, raw, s, rate, results, kw, busy, _cpu_delta(before[s.name], s.cpu_by_process()))
+            continue
+        arrivals = poisson_arrivals(rate, n, args.seed + k)
+        for s in (setups if k % 2 == 0 else setups[::-1]):
+            await asyncio.sleep(args.cooldown_s)
+            bar = progress_bar(n, f"{s.name} @ {rate:g} req/s", not args.no_progress)
+            before = s.cpu_by_process()
+            results, duration = await run_open_loop(
+                s.address, reqs, list(arrivals), timeout_s=args.request_timeout_s,
+                drain_timeout_s=float(arrivals[-1]) + args.drain_timeout_s, on_done=lambda _r: bar.update(1))
+            bar.close()
+            _record(report, raw, s, rate, results, kw, duration, _cpu_delta(before, s.cpu_by_process()))
+
+
+def _record(report, raw, s: cl.Setup, rate, results, kw, duration, cpu) -> None:
+    summary = summarize(results, duration_s=duration, **kw)
+    summary["by_kind"] = by_kind(results, duration_s=duration, **kw)
+    summary["cpu_seconds"] = cpu
+    report["setups"][s.name]["runs"].append(summary)
+    raw.setdefault(s.name, {})[str(rate)] = [result_dict(r) for r in results]
+    _print_run(s.name, summary)
+
+
+def _fmt(v, digits=0) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _print_run(name: str, r: dict) -> None:
+    rate = "1-at-a-time" if r["offered_rate_rps"] <= 0 else f"{r['offered_rate_rps']:g}/s"
+    print(f"{name:>16} {rate:>11} | ok {r['completed']}/{r['requests']} | TTFT p50 {_fmt(r['ttft_ms']['p50'])} "
+          f"p99 {_fmt(r['ttft_ms']['p99'])} ms | TPOT p50 {_fmt(r['tpot_ms']['p50'])} p99 {_fmt(r['tpot_ms']['p99'])} ms"
+          f" | ITL p50 {_fmt(r['itl_ms']['p50'])} p99 {_fmt(r['itl_ms']['p99'])} ms | E2E p99 {_fmt(r['e2e_ms']['p99'])}"
+          f" ms | goodput {r['goodput_rps']:.3f}/s ({100 * r['slo_attainment']:.0f}% in SLO)", flush=True)
+
+
+def _paired_ttft_ratio(raw: dict, a: str, b: str, rate: str) -> float | None:
+    """Median over requests of TTFT(a) / TTFT(b), the same request sent to both."""
+    ra = {r["index"]: r for r in raw.get(a, {}).get(rate, [])}
+    rb = {r["index"]: r for r in raw.get(b, {}).get(rate, [])}
+    ratios = [ra[i]["ttft_s"] / rb[i]["ttft_s"] for i in ra if i in rb and ra[i]["ttft_s"] and rb[i]["ttft_s"]]
+    return statistics.median(ratios) if ratios else None
+
+
+def compare(report: dict, raw: dict) -> list[dict]:
+    """Each disaggregated setup against the better colocated one at every rate (lower TTFT p50)."""
+    setups = report["setups"]
+    colo = [n for n, s in setups.items() if s["mode"] == "colocated"]
+    disagg = [n for n, s in setups.items() if s["mode"] == "disaggregated"]
+    rows = []
+    rates = sorted({r["offered_rate_rps"] for s in setups.values() for r in s["runs"]})
+    for rate in rates:
+        runs = {n: next((r for r in s["runs"] if r["offered_rate_rps"] == rate), None) for n, s in setups.items()}
+        cands = [n for n in colo if runs[n] and runs[n]["ttft_ms"]["p50"] is not None]
+        if not cands:
+            continue
+        base = min(cands, key=lambda n: runs[n]["ttft_ms"]["p50"])
+        b = runs[base]
+        for d in disagg:
+            r = runs[d]
+            if not r:
+                continue
+
+            def rat(metric, q):
+                x, y = r[metric][q], b[metric][q]
+                return None if x is None or not y else round(x / y, 3)
+
+            rows.append({
+                "rate_rps": rate, "setup": d, "baseline": base,
+                "ttft_p50_ratio": rat("ttft_ms", "p50"), "ttft_p99_ratio": rat("ttft_ms", "p99"),
+                "ttft_paired_median_ratio": _paired_ttft_ratio(raw, d, base, str(rate)),
+                "itl_p99_ratio": rat("itl_ms", "p99"), "tpot_p99_ratio": rat("tpot_ms", "p99"),
+                "goodput_ratio": round(r["goodput_rps"] / b["goodput_rps"], 3) if b["goodput_rps"] else None,
+                "goodput_rps": round(r["goodput_rps"], 4), "baseline_goodput_rps": round(b["goodput_rps"], 4),
+            })
+    return rows
+
+
+def main(args) -> int:
+    try:
+        wl = WorkloadSpec.parse(args.workload, vocab=args.vocab, prompt_scale=args.prompt_scale,
+                                output_scale=args.output_scale, max_output=args.max_output)
+    except (ValueError, OSError) as exc:
+        print(f"pdgrpc bench serve: {exc}", file=sys.stderr)
+        return 2
+    preset = wl.preset
+    slo_ttft_ms = args.slo_ttft_ms or (preset.slo_ttft_ms if preset else 2000.0)
+    slo_tpot_ms = args.slo_tpot_ms or (preset.slo_tpot_ms if preset else 150.0)
+    cores = sorted(os.sched_getaffinity(0))
+    known = cl.standard_setups(cores)
+    names = [n.strip() for n in args.setups.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        print(f"pdgrpc bench serve: unknown setups {unknown}; choose from {sorted(known)}", file=sys.stderr)
+        return 2
+    peers: dict[str, str] = {}
+    if "vllm" in args.peer:
+        peers["vllm"] = (VLLM_NOTE if importlib.util.find_spec("vllm") is None else
+                         "vLLM peer skipped: vllm is installed but this version of `bench serve` does not launch "
+                         "it yet (the vLLM issue adds the two-server + proxy launcher)")
+        print(peers["vllm"], file=sys.stderr)
+    os.makedirs(args.out, exist_ok=True)
+    engine = _engine(args)
+    report: dict = {
+        "command": "pdgrpc bench serve " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("serve") + 1:])
+        if "serve" in sys.argv else "",
+        "machine": cl.machine_info(), "engine": args.engine, "engine_options": engine, "workload": args.workload,
+        "workload_description": preset.description if preset else "prompts from a JSONL file",
+        "seed": args.seed, "rates": args.rates, "duration_s": args.duration_s,
+        "slo": {"ttft_ms": slo_ttft_ms, "tpot_ms": slo_tpot_ms}, "attainment_goal": args.attainment_goal,
+        "peers": peers, "setups": {}, "started_unix": time.time(),
+    }
+    specs = [known[n] for n in names]
+    for s in specs:
+        report["setups"][s.name] = {"description": s.description, "mode": s.mode,
+                                    "config": s.config_text(0, engine).split("\n", 1)[1], "runs": []}
+    raw: dict = {}
+    print(f"starting {len(specs)} clusters ({', '.join(names)}) with engine {args.engine} ...", flush=True)
+    setups = cl.start_setups(specs, engine, args.start_timeout_s)
+    try:
+        asyncio.run(_sweep(setups, wl, args, slo_ttft_ms / 1000, slo_tpot_ms / 1000, report, raw))
+    except KeyboardInterrupt:
+        print("interrupted: writing what was measured", file=sys.stderr)
+    finally:
+        for s in setups:
+            s.stop()
+    for s in report["setups"].values():
+        s["max_rate_at_attainment_rps"] = max_rate_at_attainment(s["runs"], args.attainment_goal)
+    report["comparison"] = compare(report, raw)
+    report["finished_unix"] = time.time()
+    path = os.path.join(args.out, "serve.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(args.out, "serve_requests.json"), "w") as f:
+        json.dump(raw, f)
+    written = [path]
+    if not args.no_plots:
+        from pdgrpc.bench.plots import plot_sweep
+
+        written += plot_sweep(report, args.out)
+    print_comparison(report)
+    print("wrote " + ", ".join(written))
+    return 0
+
+
+def print_comparison(report: dict) -> None:
+    rows = report.get("comparison", [])
+    if not rows:
+        return
+    print("\ndisaggregated vs the better colocated setup at each rate (ratio < 1: disaggregated lower)")
+    print(f"{'rate':>11} {'setup':>14} {'baseline':>16} | TTFT p50 | paired TTFT | ITL p99 | TPOT p99 | goodput")
+    for r in rows:
+        rate = "1-at-a-time" if r["rate_rps"] <= 0 else f"{r['rate_rps']:g}/s"
+        print(f"{rate:>11} {r['setup']:>14} {r['baseline']:>16} | {_fmt(r['ttft_p50_ratio'], 3):>8} | "
+              f"{_fmt(r['ttft_paired_median_ratio'], 3):>11} | {_fmt(r['itl_p99_ratio'], 3):>7} | "
+              f"{_fmt(r['tpot_p99_ratio'], 3):>8} | {_fmt(r['goodput_ratio'], 2)}x "
+              f"({r['goodput_rps']:.3f} vs {r['baseline_goodput_rps']:.3f}/s)")
+    for name, s in report["setups"].items():
+        print(f"{name}: DistServe goodput (highest rate with >= {100 * report['attainment_goal']:.0f}% in SLO) "
+              f"{s['max_rate_at_attainment_rps']:g} req/s")
