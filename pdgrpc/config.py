@@ -60,6 +60,7 @@ class CoordinatorSection:
     metrics_port: int = 0
     max_inflight: int = 256
     health_interval_s: float = 1.0
+    kv_lease_s: float = 60.0   # lease the coordinator renews on live requests' KV
 
 
 @dataclass(frozen=True)

@@ -142,7 +142,8 @@ class LocalCluster:
 
 def start_local_cluster(tmp_path, prefill: int = 1, decode: int = 1, node_args: tuple[str, ...] = (),
                         store_memory: str = "256MB", decode_args: tuple[str, ...] = (),
-                        prefill_args: tuple[str, ...] = (), colocated: int = 0) -> LocalCluster:
+                        prefill_args: tuple[str, ...] = (), colocated: int = 0,
+                        coordinator: dict | None = None) -> LocalCluster:
     """Store, nodes and coordinator as separate processes on free ports; call .stop() after."""
     from pdgrpc import config as cfgmod
     from pdgrpc.launcher import node_command, write_toml
@@ -150,7 +151,7 @@ def start_local_cluster(tmp_path, prefill: int = 1, decode: int = 1, node_args: 
     base = free_port_base()
     shape = ({"mode": "colocated", "colocated": [{}] * colocated} if colocated else
              {"prefill": [{}] * prefill, "decode": [{}] * decode})
-    cfg = cfgmod.from_dict({**shape, "coordinator": {"health_interval_s": 0.5}}, base)
+    cfg = cfgmod.from_dict({**shape, "coordinator": {"health_interval_s": 0.5, **(coordinator or {})}}, base)
     path = tmp_path / f"cluster-{base}.toml"
     write_toml(cfg, str(path))
     lc = LocalCluster(base)

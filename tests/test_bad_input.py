@@ -223,3 +223,26 @@ def test_everything_survived_the_table(cluster):
     with Client(cluster.coordinator) as client:
         assert client.complete("still fine", max_tokens=3).final.completion_tokens == 3
     assert http_json(f"http://{cluster.store}/stats")["stats"]["total_keys"] == 0
+
+
+def test_invalid_utf8_text_is_rejected(cluster):
+    text = b"\xff\xfe\xfd"
+    prompt = b"\x0a" + bytes([len(text)]) + text                  # Prompt.text
+    sampling = convert.sampling_to_pb(t.SamplingParams(max_tokens=4)).SerializeToString()
+    raw = b"\x0a" + bytes([len(prompt)]) + prompt + b"\x12" + bytes([len(sampling)]) + sampling
+    with pytest.raises(grpc.RpcError) as info:
+        raw_generate(cluster.coordinator, raw)
+    assert info.value.code() == INVALID and "malformed" in info.value.details()
+
+
+def test_oversized_message_is_refused_by_size(cluster):
+    with pytest.raises(grpc.RpcError) as info:
+        raw_generate(cluster.coordinator, req("x" * (17 * 1024 * 1024)), timeout=30)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_huge_token_prompt_under_the_size_limit_is_invalid_not_fatal(cluster):
+    with pytest.raises(grpc.RpcError) as info:
+        raw_generate(cluster.coordinator, convert.generate_request_to_pb(
+            build_request(token_ids=[5] * 200_000, max_tokens=4)), timeout=30)
+    assert info.value.code() == INVALID and "model limit" in info.value.details()

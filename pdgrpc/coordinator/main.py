@@ -32,7 +32,7 @@ async def serve(cluster: cfgmod.ClusterConfig, grace_s: float, store_token: str)
     c = cluster.coordinator
     pool = NodePool(list(cluster.nodes), c.health_interval_s)
     store = KVStoreClient(cluster.store_address, token=store_token or None)
-    router = Router(pool, store, c.max_inflight)
+    router = Router(pool, store, c.max_inflight, c.kv_lease_s)
     server = new_server()
     name = register(server, CoordinatorServicer(router, cluster.store_address))
     health = add_health_and_reflection(server, [name])

@@ -18,12 +18,21 @@ import os
 import re
 import stat
 import uuid
+import zlib
 
 from pdgrpc.errors import DataLoss, InvalidArgument, NotFound
 
 SHM_DIR = "/dev/shm"
 SHM_PREFIX = "pdgrpc-"
 SHM_NAME_RE = re.compile(r"^pdgrpc-[A-Za-z0-9_-]{1,64}$")
+
+CHECKSUM_IMPL = "zlib"
+
+
+def checksum(data, value: int = 0) -> int:
+    """CRC-32 (zlib's polynomial) of a bytes-like object."""
+    return zlib.crc32(data, value)
+
 
 # os.write/readinto may move less than asked; cap each call so huge buffers don't hit platform limits.
 _IO_CHUNK = 1 << 30
