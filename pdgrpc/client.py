@@ -19,7 +19,8 @@ import grpc
 
 from pdgrpc import convert
 from pdgrpc.errors import PdgrpcError, error_for
-from pdgrpc.grpcutil import CHANNEL_OPTIONS, RETRY_AFTER_KEY
+from pdgrpc.grpcutil import RETRY_AFTER_KEY
+from pdgrpc.security import GrpcSecurity
 from pdgrpc.types import (
     ChatMessage, ClusterStatus, GenerateDelta, GenerateEvent, GenerateFinal, GenerateRequest, Prompt, SamplingParams,
 )
@@ -64,16 +65,21 @@ def _collect(events: list[GenerateEvent]) -> Completion:
 
 
 class Client:
-    def __init__(self, address: str, timeout_s: float | None = 300.0) -> None:
+    """``token`` and ``tls_ca`` default to $PDGRPC_AUTH_TOKEN and $PDGRPC_TLS_CA (see pdgrpc.security)."""
+
+    def __init__(self, address: str, timeout_s: float | None = 300.0, *, token: str | None = None,
+                 tls_ca: str | None = None) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        security = GrpcSecurity.from_env(token=token, tls_ca=tls_ca)
+        self._metadata = security.metadata()
+        self._channel = security.channel(address)
         self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
 
     def generate(self, prompt: str | None = None, *, timeout_s: float | None = None,
                  **kwargs) -> Iterator[GenerateEvent]:
         request = convert.generate_request_to_pb(build_request(prompt, **kwargs))
-        call = self._stub.Generate(request, timeout=timeout_s or self.timeout_s)
+        call = self._stub.Generate(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
         try:
             for msg in call:
                 yield convert.generate_event_from_pb(msg)
@@ -88,7 +94,8 @@ class Client:
     def cluster_status(self, timeout_s: float = 5.0) -> ClusterStatus:
         try:
             return convert.cluster_status_from_pb(
-                self._stub.GetClusterStatus(convert.cluster_status_request_pb(), timeout=timeout_s))
+                self._stub.GetClusterStatus(convert.cluster_status_request_pb(), timeout=timeout_s,
+                                           metadata=self._metadata))
         except grpc.RpcError as exc:
             raise _error(exc) from None
 
@@ -103,16 +110,19 @@ class Client:
 
 
 class AsyncClient:
-    def __init__(self, address: str, timeout_s: float | None = 300.0) -> None:
+    def __init__(self, address: str, timeout_s: float | None = 300.0, *, token: str | None = None,
+                 tls_ca: str | None = None) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        security = GrpcSecurity.from_env(token=token, tls_ca=tls_ca)
+        self._metadata = security.metadata()
+        self._channel = security.aio_channel(address)
         self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
 
     async def generate(self, prompt: str | None = None, *, timeout_s: float | None = None,
                        **kwargs) -> AsyncIterator[GenerateEvent]:
         request = convert.generate_request_to_pb(build_request(prompt, **kwargs))
-        call = self._stub.Generate(request, timeout=timeout_s or self.timeout_s)
+        call = self._stub.Generate(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
         try:
             async for msg in call:
                 yield convert.generate_event_from_pb(msg)
@@ -127,7 +137,8 @@ class AsyncClient:
     async def cluster_status(self, timeout_s: float = 5.0) -> ClusterStatus:
         try:
             return convert.cluster_status_from_pb(
-                await self._stub.GetClusterStatus(convert.cluster_status_request_pb(), timeout=timeout_s))
+                await self._stub.GetClusterStatus(convert.cluster_status_request_pb(), timeout=timeout_s,
+                                           metadata=self._metadata))
         except grpc.aio.AioRpcError as exc:
             raise _error(exc) from None
 

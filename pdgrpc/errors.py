@@ -21,6 +21,7 @@ class Code(enum.Enum):
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     CANCELLED = "CANCELLED"
     DATA_LOSS = "DATA_LOSS"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
     INTERNAL = "INTERNAL"
 
 
@@ -67,13 +68,17 @@ class DataLoss(PdgrpcError):
     code = Code.DATA_LOSS
 
 
+class Unauthenticated(PdgrpcError):
+    code = Code.UNAUTHENTICATED
+
+
 class Internal(PdgrpcError):
     code = Code.INTERNAL
 
 
 _BY_CODE = {cls.code: cls for cls in (
     InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted, Unavailable,
-    DeadlineExceeded, Cancelled, DataLoss, Internal,
+    DeadlineExceeded, Cancelled, DataLoss, Unauthenticated, Internal,
 )}
 
 

@@ -24,6 +24,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--system", default=None, help="with --chat: a system turn first")
     parser.add_argument("--json", action="store_true", help="after the text, print the final message as JSON")
     parser.add_argument("--timeout-s", type=float, default=300.0, help="deadline of the request")
+    parser.add_argument("--token", default=None, help="auth token (default $PDGRPC_AUTH_TOKEN)")
+    parser.add_argument("--tls-ca", default=None, help="PEM root to verify a TLS coordinator (default $PDGRPC_TLS_CA)")
 
 
 def final_as_dict(final: GenerateFinal) -> dict:
@@ -43,7 +45,7 @@ def main(args) -> int:
     else:
         prompt = args.prompt
     try:
-        with Client(args.coordinator) as client:
+        with Client(args.coordinator, token=args.token, tls_ca=args.tls_ca) as client:
             for event in client.generate(prompt, **kwargs):
                 if isinstance(event, GenerateDelta):
                     sys.stdout.write(event.text)

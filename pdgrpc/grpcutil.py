@@ -85,8 +85,8 @@ class RejectMalformed(grpc.aio.ServerInterceptor):
         return handler._replace(request_deserializer=lenient)
 
 
-def new_server() -> grpc.aio.Server:
-    return grpc.aio.server(options=SERVER_OPTIONS, interceptors=[RejectMalformed()])
+def new_server(interceptors: list[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
+    return grpc.aio.server(options=SERVER_OPTIONS, interceptors=[*interceptors, RejectMalformed()])
 
 
 def add_health_and_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> health.aio.HealthServicer:
@@ -115,10 +115,6 @@ async def wait_for_stop_signal() -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
-
-
-def insecure_channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
 
 
 async def health_check(channel: grpc.aio.Channel, timeout_s: float = 1.0, service: str = "") -> bool | None:

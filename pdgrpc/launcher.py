@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdgrpc import config as cfgmod
 from pdgrpc.engine.registry import EngineOptions
+from pdgrpc.security import GrpcSecurity
 
 _PR_SET_PDEATHSIG = 1
 
@@ -125,7 +126,7 @@ def _die_with_parent() -> None:
 
 
 def _grpc_ready(address: str) -> bool:
-    with grpc.insecure_channel(address) as channel:
+    with GrpcSecurity.from_env().channel(address) as channel:
         try:
             resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
         except grpc.RpcError:

@@ -48,6 +48,7 @@ class Proc:
 
     def __init__(self, cmd: list[str], env: dict | None = None) -> None:
         self.cmd = cmd
+        self.env = env
         self.lines: list[str] = []
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                                      env={**os.environ, **(env or {})}, start_new_session=True)
@@ -129,7 +130,7 @@ class LocalCluster:
     def restart(self, name: str, ready_prefix: str) -> None:
         """Start the same command again (same ports) after the process ended."""
         old = self.procs[name]
-        self.procs[name] = Proc(old.cmd)
+        self.procs[name] = Proc(old.cmd, old.env)
         self.procs[name].wait_for_line(ready_prefix, timeout_s=120)
 
     def store_stats(self) -> dict:
@@ -143,7 +144,7 @@ class LocalCluster:
 def start_local_cluster(tmp_path, prefill: int = 1, decode: int = 1, node_args: tuple[str, ...] = (),
                         store_memory: str = "256MB", decode_args: tuple[str, ...] = (),
                         prefill_args: tuple[str, ...] = (), colocated: int = 0,
-                        coordinator: dict | None = None) -> LocalCluster:
+                        coordinator: dict | None = None, env: dict | None = None) -> LocalCluster:
     """Store, nodes and coordinator as separate processes on free ports; call .stop() after."""
     from pdgrpc import config as cfgmod
     from pdgrpc.launcher import node_command, write_toml
@@ -156,15 +157,15 @@ def start_local_cluster(tmp_path, prefill: int = 1, decode: int = 1, node_args: 
     write_toml(cfg, str(path))
     lc = LocalCluster(base)
     try:
-        lc.procs["store"] = Proc(pdgrpc_cmd("kvstore", "--port", str(base + 1), "--max-memory", store_memory))
+        lc.procs["store"] = Proc(pdgrpc_cmd("kvstore", "--port", str(base + 1), "--max-memory", store_memory), env)
         lc.procs["store"].wait_for_line("kvstore ")
         for n in cfg.nodes:
             extra = list(node_args) + list(decode_args if n.role == "decode" else
                                            prefill_args if n.role == "prefill" else ())
-            lc.procs[n.name] = Proc(node_command(n, cfg, extra))
+            lc.procs[n.name] = Proc(node_command(n, cfg, extra), env)
         for n in cfg.nodes:
             lc.procs[n.name].wait_for_line(f"{n.role} {n.name} listening", timeout_s=300)
-        lc.procs["coordinator"] = Proc(pdgrpc_cmd("coordinator", "--config", str(path), "--grace-s", "2"))
+        lc.procs["coordinator"] = Proc(pdgrpc_cmd("coordinator", "--config", str(path), "--grace-s", "2"), env)
         lc.procs["coordinator"].wait_for_line("coordinator coordinator listening")
     except BaseException:
         lc.stop()

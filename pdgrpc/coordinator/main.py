@@ -16,6 +16,7 @@ from pdgrpc.coordinator.router import Router
 from pdgrpc.coordinator.servicer import CoordinatorServicer, register
 from pdgrpc.grpcutil import add_health_and_reflection, new_server, set_serving, wait_for_stop_signal
 from pdgrpc.kvstore.client import KVStoreClient
+from pdgrpc.security import GrpcSecurity
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +31,15 @@ def add_arguments(parser) -> None:
 
 async def serve(cluster: cfgmod.ClusterConfig, grace_s: float, store_token: str) -> int:
     c = cluster.coordinator
-    pool = NodePool(list(cluster.nodes), c.health_interval_s)
+    security = GrpcSecurity.from_env()
+    pool = NodePool(list(cluster.nodes), c.health_interval_s, security)
     store = KVStoreClient(cluster.store_address, token=store_token or None)
     router = Router(pool, store, c.max_inflight, c.kv_lease_s)
-    server = new_server()
+    server = new_server(security.interceptors())
     name = register(server, CoordinatorServicer(router, cluster.store_address))
     health = add_health_and_reflection(server, [name])
     await set_serving(health, [name], False)
-    if server.add_insecure_port(f"{c.host}:{c.port}") == 0:
+    if security.add_port(server, f"{c.host}:{c.port}") == 0:
         log.error("cannot bind %s:%d", c.host, c.port)
         return 1
     await server.start()

@@ -19,7 +19,8 @@ import grpc
 from pdgrpc import convert
 from pdgrpc.config import NodeSection
 from pdgrpc.errors import ResourceExhausted, Unavailable
-from pdgrpc.grpcutil import health_check, insecure_channel
+from pdgrpc.grpcutil import health_check
+from pdgrpc.security import GrpcSecurity
 from pdgrpc.types import NodeHealth, NodeInfo, NodeStatus, Role
 from pdgrpc.v1 import colocated_pb2_grpc, decode_pb2_grpc, prefill_pb2_grpc
 
@@ -47,12 +48,15 @@ class NodeHandle:
 
 
 class NodePool:
-    def __init__(self, nodes: list[NodeSection], interval_s: float = 1.0) -> None:
+    def __init__(self, nodes: list[NodeSection], interval_s: float = 1.0,
+                 security: GrpcSecurity | None = None) -> None:
         self.interval_s = interval_s
+        self.security = security or GrpcSecurity()
+        self.metadata = self.security.metadata()  # passed on every call to a node
         self.nodes: list[NodeHandle] = []
         for n in nodes:
             role = Role(n.role)
-            channel = insecure_channel(n.address)
+            channel = self.security.aio_channel(n.address)
             stub = {Role.PREFILL: prefill_pb2_grpc.PrefillStub, Role.DECODE: decode_pb2_grpc.DecodeStub,
                     Role.COLOCATED: colocated_pb2_grpc.ColocatedStub}[role](channel)
             self.nodes.append(NodeHandle(n.name, role, n.address, channel, stub))
@@ -90,7 +94,7 @@ class NodePool:
         else:
             try:
                 node.info = convert.node_info_from_pb(
-                    await node.stub.GetNodeInfo(convert.node_info_request_pb(), timeout=timeout))
+                    await node.stub.GetNodeInfo(convert.node_info_request_pb(), timeout=timeout, metadata=self.metadata))
                 node.health = NodeHealth.SERVING
                 node.last_seen = time.monotonic()
             except grpc.aio.AioRpcError:

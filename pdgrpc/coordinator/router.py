@@ -213,7 +213,8 @@ class Router:
             nonlocal groups
             sent = time.monotonic()
             call = prefill_node.stub.Prefill(
-                convert.prefill_request_to_pb(PrefillRequest(owner, prompt, sampling)), timeout=remaining())
+                convert.prefill_request_to_pb(PrefillRequest(owner, prompt, sampling)), timeout=remaining(),
+                metadata=self.pool.metadata)
             try:
                 async for msg in call:
                     ev = convert.prefill_event_from_pb(msg)
@@ -222,7 +223,8 @@ class Router:
                             state.prompt_ids = list(ev.prompt_token_ids)
                             p.prompt_tokens, p.model, p.prefill_sent = len(ev.prompt_token_ids), ev.model.name, sent
                         to_decode.put_nowait(DecodeStart(owner, ev.prompt_token_ids, sampling, ev.model.fingerprint))
-                        dcall = decode_node.stub.Decode(decode_requests(), timeout=remaining())
+                        dcall = decode_node.stub.Decode(decode_requests(), timeout=remaining(),
+                                                    metadata=self.pool.metadata)
                         tasks.append(asyncio.create_task(read_decode(dcall)))
                     elif isinstance(ev, KVDescriptor):
                         groups += 1
@@ -304,7 +306,7 @@ class Router:
         queue_s = time.monotonic() - p.arrival
         p.prefill_sent = time.monotonic()
         call = node.stub.Generate(convert.prefill_request_to_pb(PrefillRequest(rid, req.prompt, req.sampling)),
-                                  timeout=timeout_s)
+                                  timeout=timeout_s, metadata=self.pool.metadata)
         try:
             async for msg in call:
                 ev = convert.colocated_event_from_pb(msg)

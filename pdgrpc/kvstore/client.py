@@ -16,7 +16,6 @@ import asyncio
 import errno
 import ipaddress
 import socket
-import zlib
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -29,6 +28,7 @@ from pdgrpc.kvstore import shm
 
 SHM_MIN_BYTES = 256 << 10  # below this a segment costs more (create + adopt) than the HTTP body
 _BIG = 8 << 20  # above this, checksums and segment I/O run in a thread so the caller's loop stays live
+_SEND_CHUNK = 1 << 20  # request bodies above this are sent in pieces of this size
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,13 @@ class PutResult:
     location: str
     lease_expiry_unix: float
     shm_name: str  # "" unless the bytes went through a shared-memory segment
+
+
+async def _chunks(view: memoryview):
+    """A big body in _SEND_CHUNK pieces: each write waits for the socket to drain. Handed to the
+    transport whole, it is copied into asyncio's buffer and memmoved down after every partial send."""
+    for start in range(0, view.nbytes, _SEND_CHUNK):
+        yield view[start:start + _SEND_CHUNK]
 
 
 async def _maybe_thread(fn, *args, size: int):
@@ -96,14 +103,17 @@ class KVStoreClient:
         except TypeError as exc:
             raise InvalidArgument(f"put {key!r}: data must be a contiguous bytes-like buffer ({exc})") from None
         size = view.nbytes
-        crc = await _maybe_thread(zlib.crc32, view, size=size)
+        crc = await _maybe_thread(shm.checksum, view, size=size)
         # Small payloads are faster over HTTP than through a segment (file create + adopt call).
         if size >= self.shm_min_bytes and await self.shm_enabled():
             return await self._put_shm(key, view, crc, owner=owner, lease_s=lease_s, location=location)
         params = {"owner": owner, "lease_s": repr(float(lease_s)), "location": location}
-        body = await self._request("PUT", self._kv_url(key), params=params, data=view,
-                                   headers={"X-Checksum-Crc32": str(crc),
-                                            "Content-Type": "application/octet-stream"})
+        headers = {"X-Checksum-Crc32": str(crc), "Content-Type": "application/octet-stream"}
+        if size > _SEND_CHUNK:  # in pieces, with the length up front (see _chunks)
+            headers["Content-Length"] = str(size)
+            body = await self._request("PUT", self._kv_url(key), params=params, data=_chunks(view), headers=headers)
+        else:
+            body = await self._request("PUT", self._kv_url(key), params=params, data=view, headers=headers)
         return self._put_result(body, shm_name="")
 
     async def _put_shm(self, key: str, view: memoryview, crc: int, *, owner: str, lease_s: float,
@@ -130,7 +140,9 @@ class KVStoreClient:
                 shm.unlink_segment(name)
 
     async def get(self, key: str, *, shm_name: str = "", size: int | None = None,
-                  crc32: int | None = None) -> bytearray:
+                  crc32: int | None = None) -> bytes | bytearray:
+        """The entry's bytes, checked against ``size`` and the CRC-32: bytes from a shm segment,
+        a bytearray over HTTP."""
         if shm_name:
             try:
                 actual = shm.segment_size(shm_name)
@@ -146,7 +158,7 @@ class KVStoreClient:
             raise DataLoss(f"key {key!r}: got {len(buf)} bytes, expected {size}")
         expected = crc32 if crc32 is not None else header_crc
         if expected is not None:
-            actual_crc = await _maybe_thread(zlib.crc32, buf, size=len(buf))
+            actual_crc = await _maybe_thread(shm.checksum, buf, size=len(buf))
             if actual_crc != expected:
                 raise DataLoss(f"key {key!r}: crc32 {actual_crc} does not match the expected {expected}")
             if header_crc is not None and header_crc != expected:

@@ -28,6 +28,7 @@ from pdgrpc.nodes.engine_thread import EngineThread
 from pdgrpc.nodes.prefill_service import PrefillLimits, PrefillService
 from pdgrpc.nodes.colocated_service import ColocatedService
 from pdgrpc.nodes.servicers import ColocatedServicer, DecodeServicer, PrefillServicer, register
+from pdgrpc.security import GrpcSecurity
 from pdgrpc.types import NodeInfo, Role
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,8 @@ def pin_cpus(cpus: tuple[int, ...]) -> None:
 async def serve_node(cfg: NodeConfig) -> int:
     pin_cpus(cfg.cpus)
     role = cfg.role.value
-    server = new_server()
+    security = GrpcSecurity.from_env()
+    server = new_server(security.interceptors())
     service = None
 
     def info() -> NodeInfo:
@@ -96,7 +98,7 @@ async def serve_node(cfg: NodeConfig) -> int:
     service_name = register(server, servicer)
     health = add_health_and_reflection(server, [service_name])
     await set_serving(health, [service_name], False)
-    bound = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    bound = security.add_port(server, f"{cfg.host}:{cfg.port}")
     if bound == 0:
         log.error("cannot bind %s:%d", cfg.host, cfg.port)
         return 1
