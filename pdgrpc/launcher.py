@@ -38,6 +38,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--decode", type=int, default=1, help="decode nodes (without --config)")
     parser.add_argument("--engine", default="mock", help="mock, torch or vllm (without --config)")
     parser.add_argument("--model", default="", help="model folder (engine default when empty)")
+    parser.add_argument("--device", default="", help="cpu or cuda:N for every node (without --config)")
+    parser.add_argument("--dtype", default="", help="float32 or bfloat16 for every node (without --config)")
     parser.add_argument("--port-base", type=int, default=None,
                         help=f"coordinator port; others follow it (default {cfgmod.DEFAULT_PORT_BASE})")
     parser.add_argument("--store-max-memory", default=None, help="store capacity, e.g. 2GB")
@@ -53,8 +55,8 @@ def cluster_from_args(args) -> cfgmod.ClusterConfig:
     else:
         if args.prefill < 1 or args.decode < 1 or args.colocated < 1:
             raise cfgmod.ConfigError("--prefill, --decode and --colocated must be >= 1")
-        raw = {"mode": args.mode,
-               "defaults": {"engine": args.engine, **({"model": args.model} if args.model else {})}}
+        defaults = {"engine": args.engine, "model": args.model, "device": args.device, "dtype": args.dtype}
+        raw = {"mode": args.mode, "defaults": {k: v for k, v in defaults.items() if v}}
         if args.mode == "colocated":
             raw["colocated"] = [{} for _ in range(args.colocated)]
         else:

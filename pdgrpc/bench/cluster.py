@@ -6,6 +6,7 @@ next to nothing), so the benchmark can interleave them and machine noise hits al
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import random
@@ -243,10 +244,9 @@ def machine_info() -> dict:
             info["memory_gib"] = round(int(f.readline().split()[1]) / (1 << 20), 1)
     except OSError:
         pass
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-    except ImportError:
-        pass
+    for dist in ("torch", "transformers", "grpcio", "aiohttp"):
+        try:
+            info[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
     return info

@@ -1,3 +1,167 @@
-"""placeholder"""
-def add_arguments(p): pass
-def main(args): return 0
+"""`pdgrpc bench coordinator`: the request rate the cluster's control plane sustains on its own.
+
+Starts a cluster of 1 prefill + 1 decode node with mock engines of zero cost (so every millisecond a
+request takes is overhead: coordinator, nodes, store, gRPC), then sends open-loop Poisson traffic of
+short prompts with ``--output-tokens`` tokens each at rising rates. For each rate it reports the
+achieved throughput, the added latency (end-to-end and TTFT, p50/p99) and the CPU milliseconds per
+request each process spent (coordinator, prefill, decode, store, and this client), which says what
+limits the rate. The answer: the highest rate with p99 end-to-end latency <= ``--p99-limit-ms``, at
+least 99% of requests served and throughput within 10% of the offered rate.
+With ``--profile DIR`` py-spy samples the coordinator during the sweep (flame graph + top functions).
+
+    pdgrpc bench coordinator --rates 50 100 200 300 500 --duration-s 6
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+from pdgrpc.bench import cluster as cl
+from pdgrpc.bench.driver import progress_bar, run_open_loop
+from pdgrpc.bench.stats import summarize
+from pdgrpc.bench.workloads import BenchRequest, poisson_arrivals
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--rates", type=float, nargs="+", default=[50, 100, 200, 300, 400, 500], help="req/s to try")
+    p.add_argument("--duration-s", type=float, default=6.0, help="arrival window per rate")
+    p.add_argument("--output-tokens", type=int, default=16)
+    p.add_argument("--prompt-tokens", type=int, default=8)
+    p.add_argument("--p99-limit-ms", type=float, default=10.0, help="added-latency limit (p99 end-to-end)")
+    p.add_argument("--mock-layers-per-group", type=int, default=30,
+                   help="30 = one KV group per request (what a short prompt gives with the torch engine)")
+    p.add_argument("--stop-after-ms", type=float, default=1000.0,
+                   help="stop the sweep once p99 end-to-end passes this (the rates above would only be worse)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", default="", help="folder for a py-spy profile of the coordinator (needs py-spy)")
+    p.add_argument("--out", default="bench-results/coordinator", help="output folder for coordinator.json")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _requests(n: int, args) -> list[BenchRequest]:
+    ids = tuple(3 + (7 * i) % 200 for i in range(args.prompt_tokens))
+    return [BenchRequest(i, args.output_tokens, token_ids=ids, kind="short") for i in range(n)]
+
+
+def _sustained(run: dict, limit_ms: float) -> bool:
+    p99 = run["e2e_ms"]["p99"]
+    return (p99 is not None and p99 <= limit_ms and run["completed"] >= 0.99 * run["requests"]
+            and run["throughput_rps"] >= 0.9 * run["offered_rate_rps"])
+
+
+async def _sweep(setup: cl.Setup, args, report: dict) -> None:
+    warm = _requests(50, args)
+    await run_open_loop(setup.address, warm, [i * 0.01 for i in range(len(warm))])
+    me = os.getpid()
+    for k, rate in enumerate(args.rates):
+        n = max(20, round(rate * args.duration_s))
+        reqs = _requests(n, args)
+        arrivals = list(poisson_arrivals(rate, n, args.seed + k))
+        bar = progress_bar(n, f"coordinator @ {rate:g} req/s", not args.no_progress)
+        before = {**setup.cpu_by_process(), "client": cl.cpu_seconds(me)}
+        await asyncio.sleep(0.5)
+        results, duration = await run_open_loop(setup.address, reqs, arrivals, timeout_s=60,
+                                                drain_timeout_s=arrivals[-1] + 60, on_done=lambda _r: bar.update(1))
+        bar.close()
+        after = {**setup.cpu_by_process(), "client": cl.cpu_seconds(me)}
+        run = summarize(results, offered_rate=rate, slo_ttft_s=args.p99_limit_ms / 1000, slo_tpot_s=1e9,
+                        duration_s=duration)
+        lag = sorted(r.sent_s - r.scheduled_s for r in results)
+        run["client_send_lag_ms_p99"] = round(1000 * lag[int(0.99 * (len(lag) - 1))], 3) if lag else None
+        ok = max(run["completed"], 1)
+        run["cpu_ms_per_request"] = {p: round(1000 * (after[p] - before.get(p, 0.0)) / ok, 3) for p in sorted(after)}
+        run["cpu_busy_fraction"] = {p: round((after[p] - before.get(p, 0.0)) / duration, 3) for p in sorted(after)}
+        run["sustained"] = _sustained(run, args.p99_limit_ms)
+        report["runs"].append(run)
+        cpu = ", ".join(f"{p} {v:.2f}" for p, v in run["cpu_ms_per_request"].items())
+        print(f"{rate:>6g} req/s offered | {run['throughput_rps']:7.1f} served | ok {run['completed']}/{n} | "
+              f"e2e p50 {run['e2e_ms']['p50']} p99 {run['e2e_ms']['p99']} ms | TTFT p99 {run['ttft_ms']['p99']} ms"
+              f" | send lag p99 {run['client_send_lag_ms_p99']} ms | "
+              f"{'OK' if run['sustained'] else 'over the limit'}\n        CPU ms/request: {cpu}", flush=True)
+        p99 = run["e2e_ms"]["p99"]
+        if p99 is None or p99 > args.stop_after_ms:
+            print(f"stopping the sweep: p99 {p99} ms is past {args.stop_after_ms:g} ms", flush=True)
+            break
+
+
+def _start_profile(pid: int, folder: str) -> subprocess.Popen | None:
+    exe = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if not os.path.exists(exe):
+        print("--profile: py-spy is not installed (pip install py-spy); not profiling", file=sys.stderr)
+        return None
+    os.makedirs(folder, exist_ok=True)
+    return subprocess.Popen([exe, "record", "-p", str(pid), "-r", "200", "--format", "raw", "-o",
+                             os.path.join(folder, "coordinator.pyspy.txt"), "--nonblocking"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def top_functions(raw_path: str, n: int = 15) -> list[dict]:
+    """Functions by share of samples (own time and inclusive) from a py-spy raw (collapsed) file."""
+    own: collections.Counter = collections.Counter()
+    incl: collections.Counter = collections.Counter()
+    total = 0
+    with open(raw_path) as f:
+        for line in f:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            if not count.isdigit():
+                continue
+            frames = stack.split(";")
+            c = int(count)
+            total += c
+            own[frames[-1]] += c
+            for fr in set(frames):
+                incl[fr] += c
+    if not total:
+        return []
+    return ([{"function": f, "own": round(c / total, 4)} for f, c in own.most_common(n)]
+            + [{"function": f, "inclusive": round(c / total, 4)} for f, c in incl.most_common(3 * n)
+               if "asyncio" not in f and "runpy" not in f][:n])
+
+
+def main(args) -> int:
+    engine = {"engine": "mock", "mock_layers_per_group": args.mock_layers_per_group,
+              "mock_prefill_cost_per_token_s": 0.0, "mock_decode_cost_per_step_s": 0.0}
+    spec = cl.standard_setups(sorted(os.sched_getaffinity(0)))["disagg"]
+    report: dict = {"command": "pdgrpc bench coordinator " + " ".join(sys.argv[sys.argv.index("coordinator") + 1:])
+                    if "coordinator" in sys.argv else "", "machine": cl.machine_info(),
+                    "setup": spec.description, "output_tokens": args.output_tokens, "prompt_tokens": args.prompt_tokens,
+                    "p99_limit_ms": args.p99_limit_ms, "runs": []}
+    print(f"starting a mock cluster ({spec.description}, zero-cost engines) ...", flush=True)
+    setup = cl.start_setups([spec], engine)[0]
+    prof = None
+    try:
+        if args.profile:
+            prof = _start_profile(setup.pids()["coordinator"], args.profile)
+        asyncio.run(_sweep(setup, args, report))
+    except KeyboardInterrupt:
+        print("interrupted: writing what was measured", file=sys.stderr)
+    finally:
+        if prof is not None:
+            prof.send_signal(signal.SIGINT)
+            try:
+                prof.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                prof.kill()
+        setup.stop()
+    if prof is not None and os.path.exists(os.path.join(args.profile, "coordinator.pyspy.txt")):
+        report["coordinator_profile"] = top_functions(os.path.join(args.profile, "coordinator.pyspy.txt"))
+    ok = [r["offered_rate_rps"] for r in report["runs"] if r["sustained"]]
+    report["max_sustained_rps"] = max(ok) if ok else 0.0
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "coordinator.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"\nhighest rate with p99 added latency <= {args.p99_limit_ms:g} ms: {report['max_sustained_rps']:g} req/s "
+          f"({args.output_tokens} output tokens each)")
+    for row in report.get("coordinator_profile", [])[:10]:
+        print(f"  coordinator {'own' if 'own' in row else 'incl'} {100 * row.get('own', row.get('inclusive')):5.1f}%"
+              f"  {row['function'][:110]}")
+    print(f"wrote {path}")
+    return 0
