@@ -12,8 +12,8 @@ Failures raise ``pdgrpc.errors.PdgrpcError`` subclasses named after the gRPC sta
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import AsyncIterator, Iterator, Sequence
 
 import grpc
 
@@ -22,7 +22,14 @@ from pdgrpc.errors import PdgrpcError, error_for
 from pdgrpc.grpcutil import RETRY_AFTER_KEY
 from pdgrpc.security import GrpcSecurity
 from pdgrpc.types import (
-    ChatMessage, ClusterStatus, GenerateDelta, GenerateEvent, GenerateFinal, GenerateRequest, Prompt, SamplingParams,
+    ChatMessage,
+    ClusterStatus,
+    GenerateDelta,
+    GenerateEvent,
+    GenerateFinal,
+    GenerateRequest,
+    Prompt,
+    SamplingParams,
 )
 from pdgrpc.v1 import coordinator_pb2_grpc
 

@@ -296,7 +296,8 @@ def generate_event_to_pb(e: t.GenerateEvent) -> co_pb.GenerateResponse:
         timings=c_pb.Timings(
             queue_seconds=tm.queue_seconds, prefill_seconds=tm.prefill_seconds,
             kv_transfer_seconds=tm.kv_transfer_seconds, first_token_seconds=tm.first_token_seconds,
-            total_seconds=tm.total_seconds, kv_groups_loaded_before_prefill_done=tm.kv_groups_loaded_before_prefill_done,
+            total_seconds=tm.total_seconds,
+            kv_groups_loaded_before_prefill_done=tm.kv_groups_loaded_before_prefill_done,
             kv_groups=tm.kv_groups),
         prefill_node=e.prefill_node, decode_node=e.decode_node))
 

@@ -11,13 +11,13 @@ import asyncio
 import contextlib
 import logging
 import signal
-from typing import Iterable, NoReturn
+from collections.abc import Iterable
+from typing import NoReturn
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
-from google.protobuf.message import DecodeError
 
 from pdgrpc.convert import MalformedMessage
 from pdgrpc.errors import Code, PdgrpcError, Unavailable, error_for

@@ -94,7 +94,8 @@ def write_toml(cluster: cfgmod.ClusterConfig, path: str) -> None:
             return "[" + ", ".join(val(x) for x in v) + "]"
         return repr(v)
 
-    lines = [f"mode = {val(cluster.mode)}", "", "[store]"] + [f"{k} = {val(v)}" for k, v in dataclasses.asdict(cluster.store).items()]
+    lines = [f"mode = {val(cluster.mode)}", "", "[store]"]
+    lines += [f"{k} = {val(v)}" for k, v in dataclasses.asdict(cluster.store).items()]
     lines += ["", "[coordinator]"] + [f"{k} = {val(v)}" for k, v in dataclasses.asdict(cluster.coordinator).items()]
     for n in cluster.nodes:
         lines += ["", f"[[{n.role}]]", f"name = {val(n.name)}", f"host = {val(n.host)}", f"port = {n.port}",
@@ -170,7 +171,7 @@ class Cluster:
 
     def stop(self, grace_s: float = 40.0) -> None:
         # Coordinator first, store last: reverse start order.
-        for name, proc in reversed(self.procs):
+        for _, proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 try:
@@ -211,7 +212,8 @@ def main(args) -> int:
         procs.wait_ready("coordinator", coord, _grpc_ready, cluster.coordinator_address, args.ready_timeout_s)
         shape = (f"{len(cluster.nodes)} colocated" if cluster.mode == "colocated" else
                  f"{len(cluster.by_role('prefill'))} prefill + {len(cluster.by_role('decode'))} decode")
-        print(f"cluster ready: {shape}; try: pdgrpc generate --coordinator {cluster.coordinator_address} \"Hello\"", flush=True)
+        print(f"cluster ready: {shape}; try: pdgrpc generate --coordinator {cluster.coordinator_address} "
+              '"Hello"', flush=True)
         while True:
             dead = procs.dead()
             if dead:

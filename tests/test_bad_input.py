@@ -8,8 +8,8 @@ import zlib
 
 import grpc
 import pytest
-
 from conftest import http_json, start_local_cluster
+
 from pdgrpc import convert
 from pdgrpc import types as t
 from pdgrpc.client import Client, build_request

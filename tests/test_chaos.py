@@ -10,8 +10,8 @@ import time
 from collections import Counter
 
 import pytest
-
 from conftest import mock_reference, wait_until
+
 from pdgrpc.client import Client
 from pdgrpc.errors import PdgrpcError
 from pdgrpc.types import GenerateDelta, GenerateFinal

@@ -7,14 +7,13 @@ import concurrent.futures
 import json
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-
 from conftest import Proc, free_port_base, http_json, mock_reference, pdgrpc_cmd, wait_until
+
 from pdgrpc.client import Client
-from pdgrpc.errors import Cancelled, DeadlineExceeded, Unavailable
+from pdgrpc.errors import DeadlineExceeded, Unavailable
 from pdgrpc.types import GenerateDelta, GenerateFinal, NodeHealth
 
 pytestmark = pytest.mark.e2e

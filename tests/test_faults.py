@@ -9,8 +9,8 @@ import time
 
 import grpc
 import pytest
-
 from conftest import http_json, mock_reference, wait_until
+
 from pdgrpc import convert
 from pdgrpc import types as t
 from pdgrpc.client import Client

@@ -6,8 +6,8 @@ import subprocess
 
 import grpc
 import pytest
-
 from conftest import mock_reference
+
 from pdgrpc import config as cfgmod
 from pdgrpc.client import Client
 from pdgrpc.errors import Unauthenticated, Unavailable

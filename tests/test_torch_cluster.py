@@ -7,8 +7,8 @@ import concurrent.futures
 import importlib.util
 
 import pytest
-
 from conftest import start_local_cluster
+
 from pdgrpc.client import Client
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]

@@ -53,6 +53,8 @@ async def send_one(client: AsyncClient, req: BenchRequest, res: RequestResult, t
             elif isinstance(ev, GenerateFinal):
                 res.prompt_tokens = ev.prompt_tokens
                 res.e2e_s = now
+                res.server_prefill_s = ev.timings.prefill_seconds
+                res.server_queue_s = ev.timings.queue_seconds
         if res.e2e_s is None:
             res.error = "NoFinal: stream ended without a final message"
     except PdgrpcError as exc:

@@ -32,6 +32,8 @@ class RequestResult:
     token_times_s: list[float] = field(default_factory=list)  # receive time of each token message, from send
     output_tokens: int = 0
     prompt_tokens: int = 0
+    server_prefill_s: float | None = None  # the coordinator's timings: prefill call sent -> first token
+    server_queue_s: float | None = None  # arrival -> nodes picked
     error: str = ""
 
     @property

@@ -7,8 +7,6 @@ import logging
 import os
 import sys
 
-import grpc
-
 from pdgrpc import config as cfgmod
 from pdgrpc import metrics, sdnotify
 from pdgrpc.coordinator.pool import NodePool

@@ -94,7 +94,8 @@ class NodePool:
         else:
             try:
                 node.info = convert.node_info_from_pb(
-                    await node.stub.GetNodeInfo(convert.node_info_request_pb(), timeout=timeout, metadata=self.metadata))
+                    await node.stub.GetNodeInfo(convert.node_info_request_pb(), timeout=timeout,
+                                                metadata=self.metadata))
                 node.health = NodeHealth.SERVING
                 node.last_seen = time.monotonic()
             except grpc.aio.AioRpcError:

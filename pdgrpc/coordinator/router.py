@@ -20,8 +20,8 @@ import dataclasses
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator
 
 import grpc
 
@@ -31,9 +31,24 @@ from pdgrpc.errors import Code, InvalidArgument, PdgrpcError, ResourceExhausted,
 from pdgrpc.grpcutil import error_from_rpc
 from pdgrpc.kvstore.client import KVStoreClient
 from pdgrpc.types import (
-    REQUEST_ID_RE, DecodeFinished, DecodeKVDone, DecodeStart, FinishReason, GenerateDelta, GenerateEvent,
-    GenerateFinal, GenerateRequest, KVDescriptor, KVLoaded, PrefillDone, PrefillRequest, PrefillStarted, Prompt, Role,
-    Timings, TokenOut,
+    REQUEST_ID_RE,
+    DecodeFinished,
+    DecodeKVDone,
+    DecodeStart,
+    FinishReason,
+    GenerateDelta,
+    GenerateEvent,
+    GenerateFinal,
+    GenerateRequest,
+    KVDescriptor,
+    KVLoaded,
+    PrefillDone,
+    PrefillRequest,
+    PrefillStarted,
+    Prompt,
+    Role,
+    Timings,
+    TokenOut,
 )
 
 log = logging.getLogger(__name__)

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import abc
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from pdgrpc.types import ModelSpec, Prompt, SamplingParams
 
@@ -96,7 +97,7 @@ class Engine(abc.ABC):
         assert prompt.text is not None
         return self.tokenizer.encode(prompt.text)
 
-    def warm_up(self) -> None:
+    def warm_up(self) -> None:  # noqa: B027 -- optional hook, a no-op by default
         """Run once at start so the first request does not pay one-off costs."""
 
     @abc.abstractmethod

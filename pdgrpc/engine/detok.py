@@ -7,7 +7,7 @@ U+FFFD (an incomplete character) is held back until the next token completes it.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 _WINDOW = 5
 

@@ -7,7 +7,7 @@ instead of going through the store. This is the baseline every disaggregated num
 
 from __future__ import annotations
 
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from pdgrpc.engine.base import DecodeWork, KVGroup
 from pdgrpc.errors import ResourceExhausted

@@ -14,8 +14,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 from pdgrpc import metrics
 from pdgrpc.engine.base import DecodeWork, Engine, KVGroup
@@ -27,7 +27,14 @@ from pdgrpc.nodes.decode_scheduler import DecodeScheduler
 from pdgrpc.nodes.engine_thread import EngineThread
 from pdgrpc.nodes.prefill_service import validate_prompt_ids
 from pdgrpc.types import (
-    REQUEST_ID_RE, DecodeEvent, DecodeFinished, DecodeInput, DecodeKVDone, DecodeStart, KVDescriptor, KVLoaded,
+    REQUEST_ID_RE,
+    DecodeEvent,
+    DecodeFinished,
+    DecodeInput,
+    DecodeKVDone,
+    DecodeStart,
+    KVDescriptor,
+    KVLoaded,
     TokenOut,
 )
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable
 
 from pdgrpc import metrics
 from pdgrpc.engine.base import Engine, KVGroup, PrefillWork, SampledToken
@@ -25,7 +25,14 @@ from pdgrpc.errors import Internal, InvalidArgument, PdgrpcError, ResourceExhaus
 from pdgrpc.kvstore.client import KVStoreClient
 from pdgrpc.nodes.engine_thread import EngineThread
 from pdgrpc.types import (
-    REQUEST_ID_RE, FinishReason, KVDescriptor, KVLayout, ModelSpec, PrefillDone, PrefillEvent, PrefillRequest,
+    REQUEST_ID_RE,
+    FinishReason,
+    KVDescriptor,
+    KVLayout,
+    ModelSpec,
+    PrefillDone,
+    PrefillEvent,
+    PrefillRequest,
     PrefillStarted,
 )
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -14,7 +14,13 @@ from pdgrpc.nodes.decode_service import DecodeService
 from pdgrpc.nodes.prefill_service import PrefillService
 from pdgrpc.types import NodeInfo
 from pdgrpc.v1 import (
-    colocated_pb2, colocated_pb2_grpc, common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc,
+    colocated_pb2,
+    colocated_pb2_grpc,
+    common_pb2,
+    decode_pb2,
+    decode_pb2_grpc,
+    prefill_pb2,
+    prefill_pb2_grpc,
 )
 
 
