@@ -24,18 +24,26 @@ from pdgrpc.v1 import (
 )
 
 
-class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
+class _NodeServicer:
+    """What every node servicer shares: the service slot (empty while the model loads), GetNodeInfo,
+    and turning a domain event stream into protobuf with domain errors as statuses. (gRPC needs each
+    streaming handler to be an async generator function itself, hence the small loops below.)"""
+
+    role = "node"
+
     def __init__(self, info: Callable[[], NodeInfo]) -> None:
-        self.service: PrefillService | None = None  # set once the engine is loaded
+        self.service = None  # set once the engine is loaded
         self._info = info
 
-    async def Prefill(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
+    def _ready(self):
+        if self.service is None:
+            raise Unavailable(f"{self.role} node is loading its model")
+        return self.service
+
+    async def _stream(self, context: grpc.aio.ServicerContext, events: Callable[[], AsyncIterator], to_pb):
         try:
-            if self.service is None:
-                raise Unavailable("prefill node is loading its model")
-            req = convert.prefill_request_from_pb(request)
-            async for event in self.service.prefill(req):
-                yield convert.prefill_event_to_pb(event)
+            async for event in events():
+                yield to_pb(event)
         except PdgrpcError as err:
             await abort_with(context, err)
 
@@ -46,10 +54,19 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             await abort_with(context, err)
 
 
-class DecodeServicer(decode_pb2_grpc.DecodeServicer):
-    def __init__(self, info: Callable[[], NodeInfo]) -> None:
-        self.service: DecodeService | None = None
-        self._info = info
+class PrefillServicer(_NodeServicer, prefill_pb2_grpc.PrefillServicer):
+    role = "prefill"
+    service: PrefillService | None
+
+    async def Prefill(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
+        async for msg in self._stream(context, lambda: self._ready().prefill(convert.prefill_request_from_pb(request)),
+                                      convert.prefill_event_to_pb):
+            yield msg
+
+
+class DecodeServicer(_NodeServicer, decode_pb2_grpc.DecodeServicer):
+    role = "decode"
+    service: DecodeService | None
 
     async def Decode(self, request_iterator: AsyncIterator[decode_pb2.DecodeRequest],
                      context: grpc.aio.ServicerContext):
@@ -57,41 +74,18 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             async for msg in request_iterator:
                 yield convert.decode_input_from_pb(msg)
 
-        try:
-            if self.service is None:
-                raise Unavailable("decode node is loading its model")
-            async for event in self.service.decode(inputs()):
-                yield convert.decode_event_to_pb(event)
-        except PdgrpcError as err:
-            await abort_with(context, err)
-
-    async def GetNodeInfo(self, request: common_pb2.NodeInfoRequest, context: grpc.aio.ServicerContext):
-        try:
-            return convert.node_info_to_pb(self._info())
-        except PdgrpcError as err:
-            await abort_with(context, err)
+        async for msg in self._stream(context, lambda: self._ready().decode(inputs()), convert.decode_event_to_pb):
+            yield msg
 
 
-class ColocatedServicer(colocated_pb2_grpc.ColocatedServicer):
-    def __init__(self, info: Callable[[], NodeInfo]) -> None:
-        self.service: ColocatedService | None = None
-        self._info = info
+class ColocatedServicer(_NodeServicer, colocated_pb2_grpc.ColocatedServicer):
+    role = "colocated"
+    service: ColocatedService | None
 
     async def Generate(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
-        try:
-            if self.service is None:
-                raise Unavailable("colocated node is loading its model")
-            req = convert.prefill_request_from_pb(request)
-            async for event in self.service.generate(req):
-                yield convert.colocated_event_to_pb(event)
-        except PdgrpcError as err:
-            await abort_with(context, err)
-
-    async def GetNodeInfo(self, request: common_pb2.NodeInfoRequest, context: grpc.aio.ServicerContext):
-        try:
-            return convert.node_info_to_pb(self._info())
-        except PdgrpcError as err:
-            await abort_with(context, err)
+        async for msg in self._stream(context, lambda: self._ready().generate(convert.prefill_request_from_pb(request)),
+                                      convert.colocated_event_to_pb):
+            yield msg
 
 
 Servicer = PrefillServicer | DecodeServicer | ColocatedServicer
