@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "up": ("pdgrpc.launcher", "start a whole local cluster as separate processes"),
     "generate": ("pdgrpc.generate_cli", "send a prompt to a coordinator and stream the answer"),
     "model": ("pdgrpc.model_prep", "prepare a model folder (pdgrpc model prepare)"),
+    "bench": ("pdgrpc.bench", "benchmarks: serve (goodput under SLO), kv (hand-off paths), coordinator"),
 }
 
 

@@ -246,3 +246,9 @@ def test_huge_token_prompt_under_the_size_limit_is_invalid_not_fatal(cluster):
         raw_generate(cluster.coordinator, convert.generate_request_to_pb(
             build_request(token_ids=[5] * 200_000, max_tokens=4)), timeout=30)
     assert info.value.code() == INVALID and "model limit" in info.value.details()
+
+
+def test_decode_on_cpu_refuses_gpu_kv(cluster, engine):
+    ids = [1, 5, 6]
+    _expect(cluster, [_good_start(engine, ids), _descriptor(cluster, engine, ids, location="device")],
+            grpc.StatusCode.FAILED_PRECONDITION, "CUDA")

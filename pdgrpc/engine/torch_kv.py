@@ -40,11 +40,27 @@ def kv_group_bytes(cache: Cache, layer_start: int, layer_end: int, dtype: torch.
     return out
 
 
+def kv_group_tensor(cache: Cache, layer_start: int, layer_end: int) -> torch.Tensor:
+    """Layers [layer_start, layer_end) of a batch-1 cache in the wire layout, on the cache's device
+    (a GPU engine publishes this by CUDA IPC instead of copying to host)."""
+    return torch.stack([torch.stack((cache.layers[i].keys[0], cache.layers[i].values[0]))
+                        for i in range(layer_start, layer_end)]).contiguous()
+
+
+def group_nbytes(data) -> int:
+    if isinstance(data, torch.Tensor):
+        return data.numel() * data.element_size()
+    return memoryview(data).nbytes
+
+
 def kv_from_bytes(group: KVGroup, dtype: torch.dtype, heads: int, dim: int) -> torch.Tensor:
-    """A read-only view [layers, 2, heads, tokens, dim] of a group's bytes (no copy; copy it before use)."""
+    """A read-only view [layers, 2, heads, tokens, dim] of a group's bytes (no copy; copy it before use).
+    A group that already is a tensor (CUDA IPC) is viewed as it is."""
     layers = group.layer_end - group.layer_start
     tokens = group.token_end - group.token_start
     data = group.data
+    if isinstance(data, torch.Tensor):
+        return data.view(dtype).view(layers, 2, heads, tokens, dim)
     nbytes = memoryview(data).nbytes
     with warnings.catch_warnings():  # bytes are read-only; we only read from the view
         warnings.simplefilter("ignore")
@@ -164,7 +180,7 @@ def check_group(group: KVGroup, seq: SequenceState, num_layers: int, expected_by
         raise InvalidArgument(f"KV group tokens [{group.token_start}, {group.token_end}) outside the prompt "
                               f"[0, {seq.prompt_len})")
     try:
-        size = memoryview(group.data).nbytes
+        size = group_nbytes(group.data)
     except TypeError:
         raise InvalidArgument("KV group data is not a bytes-like buffer") from None
     if size != expected_bytes:

@@ -183,6 +183,28 @@ class KVStoreClient:
     async def stats(self) -> dict:
         return (await self._request("GET", f"{self._base}/stats"))["stats"]
 
+    async def write_json(self, key: str, value, *, location: str = "dram", owner: str = "",
+                         lease_s: float | None = None) -> None:
+        """gswarm's JSON /write (small metadata such as CUDA IPC handles; never KV bytes)."""
+        body = {"key": key, "value": value, "location": location, "owner": owner}
+        if lease_s is not None:
+            body["lease_s"] = lease_s
+        await self._request("POST", f"{self._base}/write", json=body)
+
+    async def read_json(self, key: str):
+        """The value of a JSON entry; NotFound if the key is unknown."""
+        body = await self._request("GET", self._json_url("read", key))
+        if not body.get("found", True):
+            raise NotFound(f"key {key!r} not found")
+        return body.get("value")
+
+    async def exists(self, key: str) -> bool:
+        try:
+            await self._request("GET", self._json_url("location", key))
+        except NotFound:
+            return False
+        return True
+
     async def health(self) -> bool:
         try:
             body = await self._request("GET", f"{self._base}/health")
@@ -202,6 +224,9 @@ class KVStoreClient:
         return self._use_shm
 
     # ---- plumbing ------------------------------------------------------------------------------
+
+    def _json_url(self, endpoint: str, key: str) -> str:
+        return f"{self._base}/{endpoint}/{quote(key, safe='')}"
 
     def _kv_url(self, key: str, suffix: str = "") -> str:
         return f"{self._base}/v1/kv/{quote(key, safe='')}{suffix}"

@@ -22,6 +22,7 @@ from pdgrpc.engine.base import DecodeWork, Engine, KVGroup
 from pdgrpc.engine.output import OutputTracker
 from pdgrpc.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, PdgrpcError, ResourceExhausted
 from pdgrpc.kvstore.client import KVStoreClient
+from pdgrpc.kvstore.cuda_ipc import fetch_device_group
 from pdgrpc.kvstore.shm import SHM_NAME_RE
 from pdgrpc.nodes.decode_scheduler import DecodeScheduler
 from pdgrpc.nodes.engine_thread import EngineThread
@@ -80,6 +81,9 @@ class DecodeService:
         start.sampling.validate(spec.max_model_len, spec.vocab_size)
         validate_prompt_ids(list(start.prompt_token_ids), spec, start.sampling.max_tokens)
 
+    def _on_cuda(self) -> bool:
+        return str(getattr(self.engine, "device", "cpu")).startswith("cuda")
+
     def _check_descriptor(self, d: KVDescriptor, start: DecodeStart, seen: set[int]) -> None:
         spec = self.engine.spec
         lay = d.layout
@@ -106,7 +110,10 @@ class DecodeService:
         expected = spec.kv_bytes(lay.layer_end - lay.layer_start, lay.token_end - lay.token_start)
         if d.size_bytes != expected:
             raise InvalidArgument(f"descriptor {d.key!r}: size {d.size_bytes} bytes, layout needs {expected}")
-        if d.location != "dram":
+        if d.location == "device" and not self._on_cuda():
+            raise FailedPrecondition(f"descriptor {d.key!r}: KV in GPU memory needs a CUDA decode node on the same "
+                                     "host; this node runs on the CPU")
+        if d.location not in ("dram", "device"):
             raise FailedPrecondition(f"descriptor {d.key!r}: location {d.location} is not readable by this node")
         if d.shm_name and not SHM_NAME_RE.match(d.shm_name):
             raise InvalidArgument(f"descriptor {d.key!r}: shared-memory name {d.shm_name!r} is not a pdgrpc segment")
@@ -215,7 +222,10 @@ class DecodeService:
     async def _fetch(self, d: KVDescriptor, seq: object, events: asyncio.Queue, unreleased: set[str]) -> None:
         t0 = time.monotonic()
         try:
-            data = await self.store.get(d.key, shm_name=d.shm_name, size=d.size_bytes, crc32=d.crc32)
+            if d.location == "device":  # CUDA IPC: the producer's GPU tensor, copied GPU to GPU on load
+                data = await fetch_device_group(self.store, d.key, d.size_bytes)
+            else:
+                data = await self.store.get(d.key, shm_name=d.shm_name, size=d.size_bytes, crc32=d.crc32)
         except NotFound:
             metrics.KV_TRANSFER_FAILURES.labels("decode", "not_found").inc()
             raise NotFound(f"KV key {d.key!r} not found in store {self.store.address}") from None

@@ -23,6 +23,7 @@ from pdgrpc.engine.base import Engine, KVGroup, PrefillWork, SampledToken
 from pdgrpc.engine.output import OutputTracker
 from pdgrpc.errors import Internal, InvalidArgument, PdgrpcError, ResourceExhausted
 from pdgrpc.kvstore.client import KVStoreClient
+from pdgrpc.kvstore.cuda_ipc import DeviceExports
 from pdgrpc.nodes.engine_thread import EngineThread
 from pdgrpc.types import (
     REQUEST_ID_RE,
@@ -77,6 +78,7 @@ class PrefillService:
         self._wakeup = asyncio.Event()
         self.running = 0
         self._task: asyncio.Task | None = None
+        self._device_exports: DeviceExports | None = None  # only a GPU engine publishes by CUDA IPC
 
     @property
     def queued(self) -> int:
@@ -171,6 +173,8 @@ class PrefillService:
         held = spec.kv_bytes(group.layer_end - group.layer_start, group.token_end - group.token_start)
         metrics.NODE_KV_CACHE.labels("prefill", self.node).inc(held)
         try:
+            if getattr(group.data, "is_cuda", False):  # a GPU engine: hand off by CUDA IPC, bytes stay on GPU
+                return await self._publish_device(request_id, key, index, group, lease_s, t0)
             put = await self._put_waiting_for_room(key, group.data, request_id, lease_s)
         except ResourceExhausted:
             metrics.KV_TRANSFER_FAILURES.labels("prefill", "store_full").inc()
@@ -186,6 +190,21 @@ class PrefillService:
             layout=KVLayout(spec.fingerprint, spec.dtype, group.layer_start, group.layer_end, group.token_start,
                             group.token_end, spec.num_kv_heads, spec.head_dim),
             size_bytes=put.size, crc32=put.crc32, lease_expiry_unix=put.lease_expiry_unix, shm_name=put.shm_name,
+            group_index=index,
+        )
+
+    async def _publish_device(self, request_id: str, key: str, index: int, group: KVGroup, lease_s: float,
+                              t0: float) -> KVDescriptor:
+        spec = self.engine.spec
+        if self._device_exports is None:
+            self._device_exports = DeviceExports(self.store)
+        device, size = await self._device_exports.publish(key, group.data, owner=request_id, lease_s=lease_s)
+        metrics.observe_kv_transfer("prefill", "publish", time.monotonic() - t0, size)
+        return KVDescriptor(
+            request_id=request_id, store_address=self.store.address, key=key, location="device",
+            layout=KVLayout(spec.fingerprint, spec.dtype, group.layer_start, group.layer_end, group.token_start,
+                            group.token_end, spec.num_kv_heads, spec.head_dim),
+            size_bytes=size, crc32=0, lease_expiry_unix=time.time() + lease_s, device_index=device,
             group_index=index,
         )
 
