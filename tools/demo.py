@@ -42,12 +42,12 @@ def free_base() -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--engine", default="torch", help="torch (SmolLM2) or mock")
+    parser.add_argument("--engine", default="torch", help="torch or vllm (SmolLM2), or mock")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("prompts", nargs="*", default=PROMPTS)
     args = parser.parse_args()
 
-    if args.engine == "torch":
+    if args.engine in ("torch", "vllm"):
         print("preparing SmolLM2-135M-Instruct (converted once, then cached) ...", flush=True)
         subprocess.run([sys.executable, "-m", "pdgrpc", "model", "prepare", "--dtype", "float32"], check=True)
     base = free_base()

@@ -38,6 +38,6 @@ def build_engine(opts: EngineOptions) -> Engine:
         from pdgrpc.engine.torch_engine import build_torch_engine
 
         return build_torch_engine(opts)
-    if opts.name == "vllm":
-        raise ValueError("the vllm engine is not available yet")
+    if opts.name == "vllm":  # asynchronous: nodes build it with their own services (pdgrpc.nodes.vllm_services)
+        raise ValueError("the vllm engine runs behind its own node services; start a node with --engine vllm")
     raise ValueError(f"unknown engine {opts.name!r}; choose one of {ENGINES}")

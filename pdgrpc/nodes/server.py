@@ -108,15 +108,21 @@ async def serve_node(cfg: NodeConfig) -> int:
         metrics.init_node(role, cfg.name)  # metrics: gauges and failure counters exist from the start
 
     t0 = time.monotonic()
-    engine = await asyncio.to_thread(build_engine, engine_options_for(cfg))
-    thread = EngineThread(f"{role}-engine")
-    await thread.call(engine.warm_up)
-    store = KVStoreClient(cfg.store, token=cfg.store_token or None)
-    prefill = PrefillService(cfg.name, engine, thread, store,
-                             PrefillLimits(cfg.max_requests, cfg.batch_token_budget, cfg.kv_lease_s))
-    decode = DecodeService(cfg.name, engine, thread, store, DecodeLimits(cfg.max_requests, cfg.max_batch))
-    service = {Role.PREFILL: prefill, Role.DECODE: decode,
-               Role.COLOCATED: ColocatedService(prefill, decode)}[cfg.role]
+    if cfg.engine.name == "vllm":  # vLLM runs its own engine processes behind its own services
+        from pdgrpc.nodes.vllm_services import build_vllm_service
+
+        store = KVStoreClient(cfg.store, token=cfg.store_token or None)
+        engine, service, thread = await build_vllm_service(cfg, store)
+    else:
+        engine = await asyncio.to_thread(build_engine, engine_options_for(cfg))
+        thread = EngineThread(f"{role}-engine")
+        await thread.call(engine.warm_up)
+        store = KVStoreClient(cfg.store, token=cfg.store_token or None)
+        prefill = PrefillService(cfg.name, engine, thread, store,
+                                 PrefillLimits(cfg.max_requests, cfg.batch_token_budget, cfg.kv_lease_s))
+        decode = DecodeService(cfg.name, engine, thread, store, DecodeLimits(cfg.max_requests, cfg.max_batch))
+        service = {Role.PREFILL: prefill, Role.DECODE: decode,
+                   Role.COLOCATED: ColocatedService(prefill, decode)}[cfg.role]
     service.start()
     servicer.service = service
     await set_serving(health, [service_name], True)
