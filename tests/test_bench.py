@@ -12,7 +12,14 @@ import pytest
 
 from pdgrpc.bench import add_arguments, main
 from pdgrpc.bench.stats import RequestResult, max_rate_at_attainment, percentiles, summarize
-from pdgrpc.bench.workloads import WORKLOADS, WorkloadSpec, jsonl_requests, load_jsonl, poisson_arrivals, synthetic_requests
+from pdgrpc.bench.workloads import (
+    WORKLOADS,
+    WorkloadSpec,
+    jsonl_requests,
+    load_jsonl,
+    poisson_arrivals,
+    synthetic_requests,
+)
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -56,6 +63,16 @@ def test_scales_and_output_cap():
     reqs = spec.requests(30, seed=1)
     assert all(r.max_tokens <= 10 for r in reqs)
     assert max(r.prompt_len for r in reqs) <= 128  # 512 * 0.25
+
+
+@pytest.mark.fast
+def test_fixed_length_workload():
+    spec = WorkloadSpec.parse("fixed:130,514", max_output=8)
+    reqs = spec.requests(4, seed=0)
+    assert [r.prompt_len for r in reqs] == [130, 514, 130, 514] and {r.max_tokens for r in reqs} == {8}
+    assert reqs == spec.requests(4, seed=0) and [r.kind for r in reqs[:2]] == ["prompt-130", "prompt-514"]
+    with pytest.raises(ValueError, match="fixed:N"):
+        WorkloadSpec.parse("fixed:abc")
 
 
 @pytest.mark.fast
@@ -125,7 +142,8 @@ def test_percentiles_and_distserve_goodput():
     p = percentiles([1, 2, 3, 4, None])
     assert p["p50"] == 2.5 and p["mean"] == 2.5
     assert percentiles([])["p99"] is None
-    runs = [{"offered_rate_rps": r, "slo_attainment": a} for r, a in ((0, 1.0), (0.5, 1.0), (1, 0.95), (2, 0.8), (3, 0.92))]
+    pairs = ((0, 1.0), (0.5, 1.0), (1, 0.95), (2, 0.8), (3, 0.92))
+    runs = [{"offered_rate_rps": r, "slo_attainment": a} for r, a in pairs]
     assert max_rate_at_attainment(runs, 0.9) == 1  # 3 req/s met it again, but 2 did not: stop at the first miss
     assert max_rate_at_attainment(runs, 0.99) == 0.5
     assert max_rate_at_attainment([{"offered_rate_rps": 1, "slo_attainment": 0.5}], 0.9) == 0.0

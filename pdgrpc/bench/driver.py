@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from pdgrpc.bench.stats import RequestResult
 from pdgrpc.bench.workloads import BenchRequest

@@ -26,8 +26,10 @@ def _series(runs: list[dict], metric: str, q: str) -> tuple[list[float], list[fl
 
 def plot_sweep(report: dict, out_dir: str, prefix: str = "serve") -> list[str]:
     """Write ``<prefix>_latency.png`` and ``<prefix>_goodput.png``; return their paths."""
-    plt = _pyplot()
     setups = report["setups"]
+    if not any(r["offered_rate_rps"] > 0 for s in setups.values() for r in s["runs"]):
+        return []  # only one-at-a-time runs: nothing to draw against the rate
+    plt = _pyplot()
     title = f"{report['workload']} workload, engine {report['engine']}"
     paths = []
 

@@ -143,7 +143,7 @@ async def _sweep(setups: list[cl.Setup], wl: WorkloadSpec, args, slo_ttft_s: flo
             before = s.cpu_by_process()
             results, duration = await run_open_loop(
                 s.address, reqs, list(arrivals), timeout_s=args.request_timeout_s,
-                drain_timeout_s=float(arrivals[-1]) + args.drain_timeout_s, on_done=lambda _r: bar.update(1))
+                drain_timeout_s=float(arrivals[-1]) + args.drain_timeout_s, on_done=lambda _r, bar=bar: bar.update(1))
             bar.close()
             _record(report, raw, s, rate, results, kw, duration, _cpu_delta(before, s.cpu_by_process()))
 
@@ -152,6 +152,7 @@ def _record(report, raw, s: cl.Setup, rate, results, kw, duration, cpu) -> None:
     summary = summarize(results, duration_s=duration, **kw)
     summary["by_kind"] = by_kind(results, duration_s=duration, **kw)
     summary["cpu_seconds"] = cpu
+    summary["loadavg_after"] = os.getloadavg()[0]  # other work on the machine shows here
     report["setups"][s.name]["runs"].append(summary)
     raw.setdefault(s.name, {})[str(rate)] = [result_dict(r) for r in results]
     _print_run(s.name, summary)
@@ -164,9 +165,13 @@ def _fmt(v, digits=0) -> str:
 def _print_run(name: str, r: dict) -> None:
     rate = "1-at-a-time" if r["offered_rate_rps"] <= 0 else f"{r['offered_rate_rps']:g}/s"
     print(f"{name:>16} {rate:>11} | ok {r['completed']}/{r['requests']} | TTFT p50 {_fmt(r['ttft_ms']['p50'])} "
-          f"p99 {_fmt(r['ttft_ms']['p99'])} ms | TPOT p50 {_fmt(r['tpot_ms']['p50'])} p99 {_fmt(r['tpot_ms']['p99'])} ms"
-          f" | ITL p50 {_fmt(r['itl_ms']['p50'])} p99 {_fmt(r['itl_ms']['p99'])} ms | E2E p99 {_fmt(r['e2e_ms']['p99'])}"
+          f"p99 {_fmt(r['ttft_ms']['p99'])} ms | TPOT p50 {_fmt(r['tpot_ms']['p50'])} "
+          f"p99 {_fmt(r['tpot_ms']['p99'])} ms | ITL p50 {_fmt(r['itl_ms']['p50'])} "
+          f"p99 {_fmt(r['itl_ms']['p99'])} max {_fmt(r['itl_ms']['max'])} ms | E2E p99 {_fmt(r['e2e_ms']['p99'])}"
           f" ms | goodput {r['goodput_rps']:.3f}/s ({100 * r['slo_attainment']:.0f}% in SLO)", flush=True)
+    for kind, k in r.get("by_kind", {}).items():
+        print(f"{'':>16} {kind:>22} | ok {k['completed']}/{k['requests']} | TTFT p50 {_fmt(k['ttft_ms']['p50'])} "
+              f"p99 {_fmt(k['ttft_ms']['p99'])} ms | TPOT p99 {_fmt(k['tpot_ms']['p99'])} ms", flush=True)
 
 
 def _paired_ttft_ratio(raw: dict, a: str, b: str, rate: str) -> float | None:
@@ -196,7 +201,7 @@ def compare(report: dict, raw: dict) -> list[dict]:
             if not r:
                 continue
 
-            def rat(metric, q):
+            def rat(metric, q, r=r, b=b):
                 x, y = r[metric][q], b[metric][q]
                 return None if x is None or not y else round(x / y, 3)
 
@@ -204,7 +209,8 @@ def compare(report: dict, raw: dict) -> list[dict]:
                 "rate_rps": rate, "setup": d, "baseline": base,
                 "ttft_p50_ratio": rat("ttft_ms", "p50"), "ttft_p99_ratio": rat("ttft_ms", "p99"),
                 "ttft_paired_median_ratio": _paired_ttft_ratio(raw, d, base, str(rate)),
-                "itl_p99_ratio": rat("itl_ms", "p99"), "tpot_p99_ratio": rat("tpot_ms", "p99"),
+                "itl_p99_ratio": rat("itl_ms", "p99"), "itl_p99.9_ratio": rat("itl_ms", "p99.9"),
+                "itl_max_ratio": rat("itl_ms", "max"), "tpot_p99_ratio": rat("tpot_ms", "p99"),
                 "goodput_ratio": round(r["goodput_rps"] / b["goodput_rps"], 3) if b["goodput_rps"] else None,
                 "goodput_rps": round(r["goodput_rps"], 4), "baseline_goodput_rps": round(b["goodput_rps"], 4),
             })
@@ -283,12 +289,15 @@ def print_comparison(report: dict) -> None:
     if not rows:
         return
     print("\ndisaggregated vs the better colocated setup at each rate (ratio < 1: disaggregated lower)")
-    print(f"{'rate':>11} {'setup':>14} {'baseline':>16} | TTFT p50 | paired TTFT | ITL p99 | TPOT p99 | goodput")
+    print(f"{'rate':>11} {'setup':>14} {'baseline':>16} | TTFT p50 | paired TTFT | ITL p99 | ITL p99.9 | "
+          "TPOT p99 | goodput")
     for r in rows:
         rate = "1-at-a-time" if r["rate_rps"] <= 0 else f"{r['rate_rps']:g}/s"
         print(f"{rate:>11} {r['setup']:>14} {r['baseline']:>16} | {_fmt(r['ttft_p50_ratio'], 3):>8} | "
               f"{_fmt(r['ttft_paired_median_ratio'], 3):>11} | {_fmt(r['itl_p99_ratio'], 3):>7} | "
-              f"{_fmt(r['tpot_p99_ratio'], 3):>8} | {_fmt(r['goodput_ratio'], 2)}x "
+              f"{_fmt(r['itl_p99.9_ratio'], 3):>9} | "
+              f"{_fmt(r['tpot_p99_ratio'], 3):>8} | "
+              f"{'inf' if r['goodput_ratio'] is None and r['goodput_rps'] else _fmt(r['goodput_ratio'], 2)}x "
               f"({r['goodput_rps']:.3f} vs {r['baseline_goodput_rps']:.3f}/s)")
     for name, s in report["setups"].items():
         print(f"{name}: DistServe goodput (highest rate with >= {100 * report['attainment_goal']:.0f}% in SLO) "

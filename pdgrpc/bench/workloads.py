@@ -2,7 +2,8 @@
 
 Synthetic workloads draw prompt and output lengths from seeded log-normal distributions (clipped)
 and send token-id prompts of exactly that length, so no tokenizer, dataset or download is needed and
-the same seed gives the same requests on every machine. ``jsonl:PATH`` reads prompts from a file.
+the same seed gives the same requests on every machine. ``fixed:130,514`` sends prompts of exactly
+those lengths in turn; ``jsonl:PATH`` reads prompts from a file.
 
 Arrivals are open-loop Poisson: exponential gaps at the given rate, drawn from their own seeded
 stream, so every setup measured at one rate sees the very same arrival times and requests.
@@ -102,12 +103,23 @@ class WorkloadSpec:
     max_output: int = 0  # 0: no cap
     jsonl_rows: list[dict] = field(default_factory=list)
 
+    fixed_lengths: tuple[int, ...] = ()
+
     @classmethod
     def parse(cls, text: str, **kw) -> "WorkloadSpec":
         if text.startswith("jsonl:"):
             return cls(name=text, jsonl_rows=load_jsonl(text[len("jsonl:"):]), **kw)
+        if text.startswith("fixed:"):
+            try:
+                lengths = tuple(int(x) for x in text[len("fixed:"):].split(","))
+            except ValueError:
+                lengths = ()
+            if not lengths or min(lengths) < 1:
+                raise ValueError(f"{text!r}: use fixed:N[,N...] with prompt lengths >= 1")
+            return cls(name=text, fixed_lengths=lengths, **kw)
         if text not in WORKLOADS:
-            raise ValueError(f"unknown workload {text!r}: choose one of {sorted(WORKLOADS)} or jsonl:PATH")
+            raise ValueError(f"unknown workload {text!r}: choose one of {sorted(WORKLOADS)}, fixed:N[,N...] "
+                             "or jsonl:PATH")
         return cls(name=text, **kw)
 
     @property
@@ -115,6 +127,12 @@ class WorkloadSpec:
         return WORKLOADS.get(self.name)
 
     def requests(self, n: int, seed: int) -> list[BenchRequest]:
+        if self.fixed_lengths:  # prompts of exactly these lengths in turn, max_output (else 32) tokens each
+            rng = np.random.default_rng([seed, 4])
+            lens = [self.fixed_lengths[i % len(self.fixed_lengths)] for i in range(n)]
+            return [BenchRequest(i, self.max_output or 32, kind=f"prompt-{k}",
+                                 token_ids=tuple(int(t) for t in rng.integers(3, self.vocab, size=k)))
+                    for i, k in enumerate(lens)]
         if self.jsonl_rows:
             return jsonl_requests(self.jsonl_rows, n, seed, self.max_output)
         return synthetic_requests(WORKLOADS[self.name], n, seed, vocab=self.vocab, prompt_scale=self.prompt_scale,

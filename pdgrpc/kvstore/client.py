@@ -22,8 +22,16 @@ from urllib.parse import quote
 import aiohttp
 import yarl
 
-from pdgrpc.errors import (DataLoss, FailedPrecondition, InvalidArgument, NotFound, PdgrpcError,
-                           ResourceExhausted, Unavailable, error_for)
+from pdgrpc.errors import (
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PdgrpcError,
+    ResourceExhausted,
+    Unavailable,
+    error_for,
+)
 from pdgrpc.kvstore import shm
 
 SHM_MIN_BYTES = 256 << 10  # below this a segment costs more (create + adopt) than the HTTP body
@@ -252,7 +260,7 @@ class KVStoreClient:
                 return await resp.json(content_type=None)
         except PdgrpcError:
             raise
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise Unavailable(f"kv store {self.address} unreachable: {exc!r}") from None
 
     async def _get_bytes(self, key: str) -> tuple[bytearray, int | None]:
@@ -280,7 +288,7 @@ class KVStoreClient:
                 return buf, crc
         except PdgrpcError:
             raise
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise Unavailable(f"kv store {self.address} unreachable: {exc!r}") from None
 
     async def _error(self, resp: aiohttp.ClientResponse) -> PdgrpcError:

@@ -47,13 +47,33 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics, generate_latest
 
 from pdgrpc import sdnotify
-from pdgrpc.errors import (DataLoss, FailedPrecondition, InvalidArgument, NotFound, PdgrpcError,
-                           ResourceExhausted, Unavailable)
+from pdgrpc.errors import (
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PdgrpcError,
+    ResourceExhausted,
+    Unavailable,
+)
 from pdgrpc.kvstore import shm
-from pdgrpc.kvstore.entries import (KIND_BINARY, KIND_JSON, KIND_SHM, Entry, EntryTable, KeyExists,
-                                    StoreMetrics, b64decode_field, dump_json, parse_crc_header,
-                                    parse_json_object, validate_key, validate_lease, validate_location,
-                                    validate_owner)
+from pdgrpc.kvstore.entries import (
+    KIND_BINARY,
+    KIND_JSON,
+    KIND_SHM,
+    Entry,
+    EntryTable,
+    KeyExists,
+    StoreMetrics,
+    b64decode_field,
+    dump_json,
+    parse_crc_header,
+    parse_json_object,
+    validate_key,
+    validate_lease,
+    validate_location,
+    validate_owner,
+)
 
 log = logging.getLogger("pdgrpc.kvstore")
 
@@ -277,7 +297,7 @@ class Store:
                 if resp.status >= 300:
                     text = (await resp.text())[:500]
                     raise Unavailable(f"target {target} answered {resp.status}: {text}")
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise Unavailable(f"target {target} unreachable: {exc!r}") from None
         self.metrics.read_bytes.labels("json").inc(entry.size)
 
@@ -330,9 +350,12 @@ class Store:
         resp.content_length = len(data)
         await resp.prepare(request)
         view = memoryview(data)
-        for start in range(0, len(view), _SEND_CHUNK):
-            await resp.write(view[start:start + _SEND_CHUNK])
-        await resp.write_eof()
+        try:
+            for start in range(0, len(view), _SEND_CHUNK):
+                await resp.write(view[start:start + _SEND_CHUNK])
+            await resp.write_eof()
+        except ConnectionError:  # the reader went away mid-body: nothing left to tell it
+            pass
         return resp
 
     async def adopt_shm(self, request: web.Request) -> web.Response:
