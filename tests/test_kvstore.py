@@ -266,7 +266,8 @@ def test_unknown_key_404(store, method, path, body):
 async def test_write_over_capacity_507_changes_nothing(store, monkeypatch):
     refused_segment = shm.new_segment_name()
     monkeypatch.setattr(shm, "new_segment_name", lambda *_: refused_segment)
-    async with KVStoreClient(store, use_shm=False) as client, KVStoreClient(store, use_shm=True, shm_min_bytes=0) as local:
+    async with (KVStoreClient(store, use_shm=False) as client,
+                KVStoreClient(store, use_shm=True, shm_min_bytes=0) as local):
         await client.put("big", os.urandom(6 * 1024 * 1024), owner="cap", lease_s=60)
         before = _stats(store)
         status, body = http_call(store, "POST", "/write", {"key": "too-big", "value": "x" * (3 * 1024 * 1024)})
@@ -404,7 +405,8 @@ def test_shm_helpers_validate_names():
 
 
 async def test_release_owner_frees_everything(store):
-    async with KVStoreClient(store, use_shm=False) as client, KVStoreClient(store, use_shm=True, shm_min_bytes=0) as local:
+    async with (KVStoreClient(store, use_shm=False) as client,
+                KVStoreClient(store, use_shm=True, shm_min_bytes=0) as local):
         for i in range(3):
             await client.put(f"a{i}", b"x" * 100, owner="req-A", lease_s=60)
         shm_result = await local.put("a-shm", b"y" * 100, owner="req-A", lease_s=60)
@@ -437,7 +439,8 @@ async def test_renew(store):
 
 async def test_lease_expiry_reclaims(store):
     expired_before = _metric(store, "pdgrpc_store_lease_expiries_total")
-    async with KVStoreClient(store, use_shm=False) as client, KVStoreClient(store, use_shm=True, shm_min_bytes=0) as local:
+    async with (KVStoreClient(store, use_shm=False) as client,
+                KVStoreClient(store, use_shm=True, shm_min_bytes=0) as local):
         await client.put("lease-bin", b"x" * 1000, owner="req-L", lease_s=0.3)
         result = await local.put("lease-shm", b"y" * 1000, owner="req-L", lease_s=0.3)
         path = os.path.join(shm.SHM_DIR, result.shm_name)
@@ -452,7 +455,8 @@ async def test_lease_expiry_reclaims(store):
 
 
 async def test_crc_mismatch_is_data_loss(store, payload):
-    async with KVStoreClient(store, use_shm=False) as client, KVStoreClient(store, use_shm=True, shm_min_bytes=0) as local:
+    async with (KVStoreClient(store, use_shm=False) as client,
+                KVStoreClient(store, use_shm=True, shm_min_bytes=0) as local):
         result = await client.put("crc1", payload, owner="req-C", lease_s=60)
         with pytest.raises(DataLoss, match="crc32"):
             await client.get("crc1", crc32=(result.crc32 + 1) % 2**32)

@@ -16,17 +16,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import grpc
-
 from pdgrpc import metrics, sdnotify
 from pdgrpc.engine.registry import EngineOptions, build_engine
 from pdgrpc.errors import Unavailable
 from pdgrpc.grpcutil import add_health_and_reflection, new_server, set_serving, wait_for_stop_signal
 from pdgrpc.kvstore.client import KVStoreClient
+from pdgrpc.nodes.colocated_service import ColocatedService
 from pdgrpc.nodes.decode_service import DecodeLimits, DecodeService
 from pdgrpc.nodes.engine_thread import EngineThread
 from pdgrpc.nodes.prefill_service import PrefillLimits, PrefillService
-from pdgrpc.nodes.colocated_service import ColocatedService
 from pdgrpc.nodes.servicers import ColocatedServicer, DecodeServicer, PrefillServicer, register
 from pdgrpc.security import GrpcSecurity
 from pdgrpc.types import NodeInfo, Role
