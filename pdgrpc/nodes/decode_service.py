@@ -20,15 +20,13 @@ from dataclasses import dataclass
 from pdgrpc import metrics
 from pdgrpc.engine.base import DecodeWork, Engine, KVGroup
 from pdgrpc.engine.output import OutputTracker
-from pdgrpc.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, PdgrpcError, ResourceExhausted
+from pdgrpc.errors import DataLoss, InvalidArgument, NotFound, PdgrpcError, ResourceExhausted
 from pdgrpc.kvstore.client import KVStoreClient
 from pdgrpc.kvstore.cuda_ipc import fetch_device_group
-from pdgrpc.kvstore.shm import SHM_NAME_RE
+from pdgrpc.nodes.checks import check_decode_start, check_descriptor
 from pdgrpc.nodes.decode_scheduler import DecodeScheduler
 from pdgrpc.nodes.engine_thread import EngineThread
-from pdgrpc.nodes.prefill_service import validate_prompt_ids
 from pdgrpc.types import (
-    REQUEST_ID_RE,
     DecodeEvent,
     DecodeFinished,
     DecodeInput,
@@ -40,7 +38,6 @@ from pdgrpc.types import (
 )
 
 log = logging.getLogger(__name__)
-MAX_KV_GROUPS = 1024
 
 
 @dataclass(frozen=True)
@@ -71,55 +68,14 @@ class DecodeService:
     async def stop(self) -> None:
         await self.scheduler.stop()
 
-    def _check_start(self, start: DecodeStart) -> None:
-        spec = self.engine.spec
-        if not REQUEST_ID_RE.match(start.request_id):
-            raise InvalidArgument("request_id must be 1-64 of letters, digits, '-', '_', '.'")
-        if start.model_fingerprint != spec.fingerprint:
-            raise FailedPrecondition(
-                f"KV was computed by model {start.model_fingerprint!r}; this node serves {spec.fingerprint!r}")
-        start.sampling.validate(spec.max_model_len, spec.vocab_size)
-        validate_prompt_ids(list(start.prompt_token_ids), spec, start.sampling.max_tokens)
-
     def _on_cuda(self) -> bool:
         return str(getattr(self.engine, "device", "cpu")).startswith("cuda")
 
+    def _check_start(self, start: DecodeStart) -> None:
+        check_decode_start(start, self.engine.spec)
+
     def _check_descriptor(self, d: KVDescriptor, start: DecodeStart, seen: set[int]) -> None:
-        spec = self.engine.spec
-        lay = d.layout
-        if d.request_id != start.request_id:
-            raise InvalidArgument(f"descriptor of request {d.request_id!r} on the stream of {start.request_id!r}")
-        if not d.key:
-            raise InvalidArgument("descriptor has no key")
-        if d.store_address != self.store.address:
-            raise FailedPrecondition(f"descriptor names store {d.store_address!r}; this node uses {self.store.address}")
-        if lay.model_fingerprint != spec.fingerprint:
-            raise FailedPrecondition(
-                f"descriptor {d.key!r} is from model {lay.model_fingerprint!r}; this node serves {spec.fingerprint!r}")
-        if (lay.dtype, lay.num_kv_heads, lay.head_dim) != (spec.dtype, spec.num_kv_heads, spec.head_dim):
-            raise FailedPrecondition(f"descriptor {d.key!r} layout {lay.dtype}/{lay.num_kv_heads}x{lay.head_dim} "
-                                     f"does not match the model's {spec.dtype}/{spec.num_kv_heads}x{spec.head_dim}")
-        if lay.block_layout != "layer,kv,head,token,dim":
-            raise FailedPrecondition(f"descriptor {d.key!r}: block layout {lay.block_layout!r} is not supported")
-        if not 0 <= lay.layer_start < lay.layer_end <= spec.num_layers:
-            raise InvalidArgument(f"descriptor {d.key!r}: layers [{lay.layer_start}, {lay.layer_end}) "
-                                  f"outside [0, {spec.num_layers})")
-        if (lay.token_start, lay.token_end) != (0, len(start.prompt_token_ids)):
-            raise InvalidArgument(f"descriptor {d.key!r}: tokens [{lay.token_start}, {lay.token_end}) "
-                                  f"do not cover the prompt's {len(start.prompt_token_ids)}")
-        expected = spec.kv_bytes(lay.layer_end - lay.layer_start, lay.token_end - lay.token_start)
-        if d.size_bytes != expected:
-            raise InvalidArgument(f"descriptor {d.key!r}: size {d.size_bytes} bytes, layout needs {expected}")
-        if d.location == "device" and not self._on_cuda():
-            raise FailedPrecondition(f"descriptor {d.key!r}: KV in GPU memory needs a CUDA decode node on the same "
-                                     "host; this node runs on the CPU")
-        if d.location not in ("dram", "device"):
-            raise FailedPrecondition(f"descriptor {d.key!r}: location {d.location} is not readable by this node")
-        if d.shm_name and not SHM_NAME_RE.match(d.shm_name):
-            raise InvalidArgument(f"descriptor {d.key!r}: shared-memory name {d.shm_name!r} is not a pdgrpc segment")
-        if d.group_index in seen or not 0 <= d.group_index < MAX_KV_GROUPS:
-            raise InvalidArgument(f"descriptor {d.key!r}: group_index {d.group_index} repeated or out of range")
-        seen.add(d.group_index)
+        check_descriptor(d, start, self.engine.spec, self.store.address, seen, gpu=self._on_cuda())
 
     async def decode(self, inputs: AsyncIterator[DecodeInput]) -> AsyncIterator[DecodeEvent]:
         first = await anext(inputs, None)

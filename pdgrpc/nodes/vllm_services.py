@@ -28,7 +28,6 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
-from urllib.parse import quote
 
 from prometheus_client import Counter, Gauge
 
@@ -36,7 +35,6 @@ from pdgrpc import metrics
 from pdgrpc.engine.output import OutputTracker
 from pdgrpc.engine.vllm_engine import PARAMS_KEY, WIRE_LAYOUT, VllmEngine, build_vllm_engine
 from pdgrpc.errors import (
-    FailedPrecondition,
     Internal,
     InvalidArgument,
     NotFound,
@@ -46,7 +44,8 @@ from pdgrpc.errors import (
 )
 from pdgrpc.kvstore import shm
 from pdgrpc.kvstore.client import KVStoreClient
-from pdgrpc.nodes.decode_service import MAX_KV_GROUPS, DecodeLimits
+from pdgrpc.nodes.checks import check_decode_start, check_descriptor
+from pdgrpc.nodes.decode_service import DecodeLimits
 from pdgrpc.nodes.engine_thread import EngineThread
 from pdgrpc.nodes.prefill_service import MAX_LEASE_S, PrefillLimits, validate_prompt_ids
 from pdgrpc.types import (
@@ -278,47 +277,10 @@ class VllmDecodeService(_VllmService):
         self.limits = limits
 
     def _check_start(self, start: DecodeStart) -> None:
-        spec = self.engine.spec
-        if not REQUEST_ID_RE.match(start.request_id):
-            raise InvalidArgument("request_id must be 1-64 of letters, digits, '-', '_', '.'")
-        if start.model_fingerprint != spec.fingerprint:
-            raise FailedPrecondition(
-                f"KV was computed by model {start.model_fingerprint!r}; this node serves {spec.fingerprint!r}")
-        start.sampling.validate(spec.max_model_len, spec.vocab_size)
-        validate_prompt_ids(list(start.prompt_token_ids), spec, start.sampling.max_tokens)
+        check_decode_start(start, self.engine.spec)
 
     def _check_descriptor(self, d: KVDescriptor, start: DecodeStart, seen: set[int]) -> None:
-        spec, lay = self.engine.spec, d.layout
-        if d.request_id != start.request_id:
-            raise InvalidArgument(f"descriptor of request {d.request_id!r} on the stream of {start.request_id!r}")
-        if not d.key:
-            raise InvalidArgument("descriptor has no key")
-        if d.store_address != self.store.address:
-            raise FailedPrecondition(f"descriptor names store {d.store_address!r}; this node uses {self.store.address}")
-        if lay.model_fingerprint != spec.fingerprint:
-            raise FailedPrecondition(
-                f"descriptor {d.key!r} is from model {lay.model_fingerprint!r}; this node serves {spec.fingerprint!r}")
-        if (lay.dtype, lay.num_kv_heads, lay.head_dim) != (spec.dtype, spec.num_kv_heads, spec.head_dim):
-            raise FailedPrecondition(f"descriptor {d.key!r} layout {lay.dtype}/{lay.num_kv_heads}x{lay.head_dim} "
-                                     f"does not match the model's {spec.dtype}/{spec.num_kv_heads}x{spec.head_dim}")
-        if lay.block_layout != WIRE_LAYOUT:
-            raise FailedPrecondition(f"descriptor {d.key!r}: block layout {lay.block_layout!r} is not supported")
-        if not 0 <= lay.layer_start < lay.layer_end <= spec.num_layers:
-            raise InvalidArgument(f"descriptor {d.key!r}: layers [{lay.layer_start}, {lay.layer_end}) "
-                                  f"outside [0, {spec.num_layers})")
-        if (lay.token_start, lay.token_end) != (0, len(start.prompt_token_ids)):
-            raise InvalidArgument(f"descriptor {d.key!r}: tokens [{lay.token_start}, {lay.token_end}) "
-                                  f"do not cover the prompt's {len(start.prompt_token_ids)}")
-        expected = spec.kv_bytes(lay.layer_end - lay.layer_start, lay.token_end - lay.token_start)
-        if d.size_bytes != expected:
-            raise InvalidArgument(f"descriptor {d.key!r}: size {d.size_bytes} bytes, layout needs {expected}")
-        if d.location != "dram":
-            raise FailedPrecondition(f"descriptor {d.key!r}: location {d.location} is not readable by this node")
-        if d.shm_name and not shm.SHM_NAME_RE.match(d.shm_name):
-            raise InvalidArgument(f"descriptor {d.key!r}: shared-memory name {d.shm_name!r} is not a pdgrpc segment")
-        if d.group_index in seen or not 0 <= d.group_index < MAX_KV_GROUPS:
-            raise InvalidArgument(f"descriptor {d.key!r}: group_index {d.group_index} repeated or out of range")
-        seen.add(d.group_index)
+        check_descriptor(d, start, self.engine.spec, self.store.address, seen)  # vLLM nodes: host memory only
 
     async def _check_present(self, d: KVDescriptor) -> None:
         """NOT_FOUND now rather than a recompute later: the entry must still be in the store."""
@@ -326,7 +288,8 @@ class VllmDecodeService(_VllmService):
             if d.shm_name:
                 shm.segment_size(d.shm_name)
             else:  # the gswarm location call answers 404 for an unknown key
-                await self.store._request("GET", f"{self.store._base}/location/{quote(d.key, safe='')}")
+                if not await self.store.exists(d.key):
+                    raise NotFound(d.key)
         except NotFound:
             metrics.KV_TRANSFER_FAILURES.labels("decode", "not_found").inc()
             raise NotFound(f"KV key {d.key!r} not found in store {self.store.address}") from None
