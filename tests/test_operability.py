@@ -396,7 +396,7 @@ def test_systemd_analyze_verify_every_unit(tmp_path):
     assert res.returncode == 0 and not out.strip(), out
     # The check is real: a unit with a typo does not pass.
     broken = root / "etc/systemd/system/pdgrpc-broken.service"
-    broken.write_text((UNITS / "pdgrpc-kvstore.service").read_text().replace("Type=exec", "Typo=exec"))
+    broken.write_text((UNITS / "pdgrpc-kvstore.service").read_text().replace("Type=notify", "Typo=notify"))
     res = subprocess.run([analyze, "verify", "--man=no", f"--root={root}", "pdgrpc-broken.service"],
                          capture_output=True, text=True, timeout=60, check=False)
     assert "Typo" in res.stdout + res.stderr

@@ -25,6 +25,7 @@ from pdgrpc.types import NodeHealth, NodeInfo, NodeStatus, Role
 from pdgrpc.v1 import colocated_pb2_grpc, decode_pb2_grpc, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
+MISSED_CHECKS_BEFORE_DOWN = 3
 
 
 @dataclass(eq=False)
@@ -38,6 +39,7 @@ class NodeHandle:
     inflight: int = 0
     info: NodeInfo | None = None
     last_seen: float = 0.0
+    missed_checks: int = 0
 
     def has_capacity(self) -> bool:
         return self.info is None or self.inflight < self.info.max_requests
@@ -87,8 +89,13 @@ class NodePool:
         ok = await health_check(node.channel, timeout_s=timeout)
         before = node.health
         if ok is None:
-            node.health = NodeHealth.UNREACHABLE
+            # A node busy on a long prompt may miss a check; only several misses in a row mark it
+            # down (a failed call marks it down at once, see mark_unreachable).
+            node.missed_checks += 1
+            if node.missed_checks >= MISSED_CHECKS_BEFORE_DOWN or node.health is not NodeHealth.SERVING:
+                node.health = NodeHealth.UNREACHABLE
         elif not ok:
+            node.missed_checks = 0
             node.health = NodeHealth.NOT_SERVING
             node.last_seen = time.monotonic()
         else:
@@ -97,6 +104,7 @@ class NodePool:
                     await node.stub.GetNodeInfo(convert.node_info_request_pb(), timeout=timeout,
                                                 metadata=self.metadata))
                 node.health = NodeHealth.SERVING
+                node.missed_checks = 0
                 node.last_seen = time.monotonic()
             except grpc.aio.AioRpcError:
                 node.health = NodeHealth.UNREACHABLE
