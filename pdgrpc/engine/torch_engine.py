@@ -130,7 +130,7 @@ def load_tiny_random(dtype: torch.dtype) -> tuple[Any, str]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_RANDOM_SEED)
         model = LlamaForCausalLM(config)
-    model = model.to(dtype).eval()
+    model = model.to(dtype).train(False)  # inference mode (no dropout)
     return model, json.dumps(config.to_dict(), sort_keys=True, default=str)
 
 
@@ -140,7 +140,7 @@ def load_folder(path: str, dtype: torch.dtype) -> tuple[Any, Any, str]:
 
     with open(os.path.join(path, "config.json")) as f:
         config_text = f.read()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").train(False)
     tok = AutoTokenizer.from_pretrained(path)
     return model, tok, config_text
 
@@ -244,7 +244,7 @@ class TorchEngine(Engine):
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         if self.device.type == "cuda":  # the compute thread's current device is the engine's
             self.compute.run(torch.cuda.set_device, self.device)
-        self.model = self.compute.run(lambda: model.to(self.device).eval())
+        self.model = self.compute.run(lambda: model.to(self.device).train(False))
         self.tokenizer = tokenizer
         cfg = model.config
         self.dtype = next(model.parameters()).dtype
