@@ -33,13 +33,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_reserved_ports: set[int] = set()
+_reserve_lock = threading.Lock()
+
+
 def free_port_base() -> int:
-    """A base whose derived ports (see pdgrpc.config) are all free."""
-    for _ in range(200):
-        base = random.randrange(20000, 38000, 100)
-        ports = [base, base + 1] + list(range(base + 10, base + 20)) + list(range(base + 40, base + 50))
-        if all(_port_free(p) and _port_free(p + 1000) for p in ports):
-            return base
+    """A base whose derived ports (see pdgrpc.config; +1000 for metrics) are all free and not handed
+    to another cluster of this test run, even one still starting in another thread. Bases stay below
+    the kernel's ephemeral range (32768+), where other programs' outgoing ports land."""
+    for _ in range(500):
+        base = random.randrange(20000, 31000, 100)
+        ports = [base, base + 1, *range(base + 10, base + 20), *range(base + 40, base + 50),
+                 *range(base + 70, base + 80)]
+        ports += [p + 1000 for p in ports]
+        with _reserve_lock:
+            if _reserved_ports.intersection(ports) or not all(_port_free(p) for p in ports):
+                continue
+            _reserved_ports.update(ports)
+        return base
     raise RuntimeError("no free port range")
 
 

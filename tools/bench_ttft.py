@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,26 +23,9 @@ import tempfile
 import threading
 import time
 
+from pdgrpc.bench.cluster import free_base
 from pdgrpc.client import Client
 from pdgrpc.types import GenerateDelta
-
-
-def _free_base(taken: set[int]) -> int:
-    while True:
-        base = random.randrange(20000, 38000, 100)
-        if base in taken:
-            continue
-        ports = [base, base + 1, base + 10, base + 40, base + 70]
-        ok = True
-        for p in ports + [p + 1000 for p in ports]:
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-        if ok:
-            taken.add(base)
-            return base
 
 
 def _config(mode: str, base: int, engine: str, model: str, dtype: str, cpus_p: list[int], cpus_d: list[int]) -> str:
@@ -116,7 +98,7 @@ def main() -> int:
     ]
     setups = []
     for name, mode, cp, cd in specs:
-        base = _free_base(taken)
+        base = free_base(taken)
         setups.append(Setup(name, _config(mode, base, args.engine, args.model, args.dtype, cp, cd), base))
     try:
         for s in setups:

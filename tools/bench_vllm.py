@@ -20,7 +20,6 @@ import argparse
 import concurrent.futures
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,29 +27,17 @@ import tempfile
 import threading
 import time
 
+from pdgrpc.bench.cluster import free_base
 from pdgrpc.client import Client
 from pdgrpc.types import GenerateDelta, GenerateFinal
 
-
-def _free_base() -> int:
-    while True:
-        base = random.randrange(20000, 38000, 100)
-        ports = [base, base + 1, base + 10, base + 40, base + 70]
-        ok = True
-        for p in ports + [p + 1000 for p in ports]:
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-        if ok:
-            return base
+_TAKEN: set[int] = set()
 
 
 class Cluster:
     def __init__(self, name: str, mode: str, cores: list[int], dtype: str) -> None:
         half = max(len(cores) // 2, 1)
-        self.name, self.base = name, _free_base()
+        self.name, self.base = name, free_base(_TAKEN)
         text = f'port_base = {self.base}\nmode = "{mode}"\n[defaults]\nengine = "vllm"\ndtype = "{dtype}"\n'
         if mode == "colocated":
             text += f"[[colocated]]\ncpus = {cores}\n"

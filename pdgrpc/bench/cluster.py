@@ -37,10 +37,13 @@ def free_port() -> int:
 
 
 def free_base(taken: set[int]) -> int:
-    """A port base whose derived ports (see pdgrpc.config) and their metrics ports are all free."""
+    """A port base whose derived ports (see pdgrpc.config) and their metrics ports are all free.
+    ``taken`` holds the bases already handed out: a new one is at least 2000 away from each, so a
+    cluster's metrics ports (+1000) never meet another's gRPC ports while both are still starting.
+    Bases stay below the kernel's ephemeral range (32768+)."""
     for _ in range(500):
-        base = random.randrange(20000, 38000, 100)
-        if base in taken:
+        base = random.randrange(20000, 31000, 100)
+        if any(abs(base - other) < 2000 for other in taken):
             continue
         ports = [base, base + 1, *range(base + 10, base + 14), *range(base + 40, base + 44),
                  *range(base + 70, base + 74)]
