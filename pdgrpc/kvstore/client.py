@@ -13,6 +13,7 @@ Errors are pdgrpc.errors: 507 -> ResourceExhausted, 404 -> NotFound, 400/409/413
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import ipaddress
 import socket
@@ -127,8 +128,16 @@ class KVStoreClient:
     async def _put_shm(self, key: str, view: memoryview, crc: int, *, owner: str, lease_s: float,
                        location: str) -> PutResult:
         name = shm.new_segment_name(self._port)
+        create = asyncio.ensure_future(_maybe_thread(shm.create_segment, name, view, size=view.nbytes))
         try:
-            await _maybe_thread(shm.create_segment, name, view, size=view.nbytes)
+            await asyncio.shield(create)
+        except asyncio.CancelledError:
+            # A big segment is written in a thread that a cancel does not stop: let it finish,
+            # then remove the segment, or it would stay in /dev/shm with no owner.
+            with contextlib.suppress(BaseException):
+                await create
+            shm.unlink_segment(name)
+            raise
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.ENOMEM):
                 raise ResourceExhausted(f"put {key!r}: /dev/shm is full ({view.nbytes} bytes): {exc}") from None
