@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,22 +14,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from pdgrpc.bench.cluster import free_port, port_free  # noqa: F401 -- free_port is for the tests
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 _reserved_ports: set[int] = set()
@@ -47,7 +33,7 @@ def free_port_base() -> int:
                  *range(base + 70, base + 80)]
         ports += [p + 1000 for p in ports]
         with _reserve_lock:
-            if _reserved_ports.intersection(ports) or not all(_port_free(p) for p in ports):
+            if _reserved_ports.intersection(ports) or not all(port_free(p) for p in ports):
                 continue
             _reserved_ports.update(ports)
         return base

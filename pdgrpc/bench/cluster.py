@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _port_free(port: int) -> bool:
+def port_free(port: int) -> bool:
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", port))
@@ -47,7 +47,7 @@ def free_base(taken: set[int]) -> int:
             continue
         ports = [base, base + 1, *range(base + 10, base + 14), *range(base + 40, base + 44),
                  *range(base + 70, base + 74)]
-        if all(_port_free(p) and _port_free(p + 1000) for p in ports):
+        if all(port_free(p) and port_free(p + 1000) for p in ports):
             taken.add(base)
             return base
     raise RuntimeError("no free port range")
