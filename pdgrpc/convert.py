@@ -125,7 +125,7 @@ def descriptor_to_pb(d: t.KVDescriptor) -> c_pb.KVDescriptor:
             num_kv_heads=lay.num_kv_heads, head_dim=lay.head_dim, block_layout=lay.block_layout,
         ),
         size_bytes=d.size_bytes, crc32=d.crc32, lease_expiry_unix=d.lease_expiry_unix, shm_name=d.shm_name,
-        group_index=d.group_index,
+        group_index=d.group_index, shm_offset=d.shm_offset,
     )
 
 
@@ -141,7 +141,7 @@ def descriptor_from_pb(m: c_pb.KVDescriptor) -> t.KVDescriptor:
             num_kv_heads=lay.num_kv_heads, head_dim=lay.head_dim, block_layout=lay.block_layout,
         ),
         size_bytes=m.size_bytes, crc32=m.crc32, lease_expiry_unix=m.lease_expiry_unix, shm_name=m.shm_name,
-        device_index=m.device_index, group_index=m.group_index,
+        device_index=m.device_index, group_index=m.group_index, shm_offset=m.shm_offset,
     )
 
 

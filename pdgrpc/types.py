@@ -150,6 +150,7 @@ class KVDescriptor:
     shm_name: str = ""
     device_index: int = 0
     group_index: int = 0
+    shm_offset: int = 0  # where in shm_name when that is an arena
 
     def replace(self, **changes) -> "KVDescriptor":
         return dataclasses.replace(self, **changes)

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pdgrpc.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
-from pdgrpc.kvstore import KVStoreClient, PutResult, shm
+from pdgrpc.kvstore import KVStoreClient, PutResult, arena, shm
 
 pytestmark = pytest.mark.e2e
 
@@ -267,7 +267,7 @@ async def test_write_over_capacity_507_changes_nothing(store, monkeypatch):
     refused_segment = shm.new_segment_name()
     monkeypatch.setattr(shm, "new_segment_name", lambda *_: refused_segment)
     async with (KVStoreClient(store, use_shm=False) as client,
-                KVStoreClient(store, use_shm=True, shm_min_bytes=0) as local):
+                KVStoreClient(store, use_shm=True, shm_min_bytes=0, shm_arena_bytes=0) as local):
         await client.put("big", os.urandom(6 * 1024 * 1024), owner="cap", lease_s=60)
         before = _stats(store)
         status, body = http_call(store, "POST", "/write", {"key": "too-big", "value": "x" * (3 * 1024 * 1024)})
@@ -342,7 +342,7 @@ def test_binary_put_checks_header_and_args(store):
 
 
 async def test_shm_put_get_release(store, payload):
-    async with KVStoreClient(store, use_shm=True, shm_min_bytes=0) as client:
+    async with KVStoreClient(store, use_shm=True, shm_min_bytes=0, shm_arena_bytes=0) as client:
         result = await client.put("shm1", payload, owner="req-shm", lease_s=60)
         assert result.shm_name and shm.SHM_NAME_RE.fullmatch(result.shm_name)
         path = os.path.join(shm.SHM_DIR, result.shm_name)
@@ -406,7 +406,7 @@ def test_shm_helpers_validate_names():
 
 async def test_release_owner_frees_everything(store):
     async with (KVStoreClient(store, use_shm=False) as client,
-                KVStoreClient(store, use_shm=True, shm_min_bytes=0) as local):
+                KVStoreClient(store, use_shm=True, shm_min_bytes=0, shm_arena_bytes=0) as local):
         for i in range(3):
             await client.put(f"a{i}", b"x" * 100, owner="req-A", lease_s=60)
         shm_result = await local.put("a-shm", b"y" * 100, owner="req-A", lease_s=60)
@@ -440,7 +440,7 @@ async def test_renew(store):
 async def test_lease_expiry_reclaims(store):
     expired_before = _metric(store, "pdgrpc_store_lease_expiries_total")
     async with (KVStoreClient(store, use_shm=False) as client,
-                KVStoreClient(store, use_shm=True, shm_min_bytes=0) as local):
+                KVStoreClient(store, use_shm=True, shm_min_bytes=0, shm_arena_bytes=0) as local):
         await client.put("lease-bin", b"x" * 1000, owner="req-L", lease_s=0.3)
         result = await local.put("lease-shm", b"y" * 1000, owner="req-L", lease_s=0.3)
         path = os.path.join(shm.SHM_DIR, result.shm_name)
@@ -456,7 +456,7 @@ async def test_lease_expiry_reclaims(store):
 
 async def test_crc_mismatch_is_data_loss(store, payload):
     async with (KVStoreClient(store, use_shm=False) as client,
-                KVStoreClient(store, use_shm=True, shm_min_bytes=0) as local):
+                KVStoreClient(store, use_shm=True, shm_min_bytes=0, shm_arena_bytes=0) as local):
         result = await client.put("crc1", payload, owner="req-C", lease_s=60)
         with pytest.raises(DataLoss, match="crc32"):
             await client.get("crc1", crc32=(result.crc32 + 1) % 2**32)
@@ -580,3 +580,157 @@ def test_fuzz_writes_never_break_the_store(store, path, body):
     else:
         assert isinstance(answer, dict) and answer["error"]
     assert http_call(store, "GET", "/health")[0] == 200
+
+
+# ---- shm arenas ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def arena_store(tmp_path_factory):
+    proc = StoreProcess(tmp_path_factory.mktemp("kvstore-arena"), "--max-memory", "64MB", "--arena-idle-s", "2")
+    yield proc
+    assert proc.stop() == 0, proc.stderr()
+
+
+def _arena_client(address: str, arena_bytes: int = 1 << 20) -> KVStoreClient:
+    return KVStoreClient(address, use_shm=True, shm_min_bytes=0, shm_arena_bytes=arena_bytes)
+
+
+async def test_arena_put_get_and_region_reuse(arena_store):
+    store = arena_store.address
+    async with _arena_client(store) as client:
+        payload = os.urandom(300 * 1024)
+        put = await client.put("ar1", payload, owner="req-ar", lease_s=60)
+        assert arena.is_arena_name(put.shm_name) and put.crc32 == zlib.crc32(payload)
+        view = await client.get("ar1", shm_name=put.shm_name, size=put.size, crc32=put.crc32,
+                                shm_offset=put.shm_offset)
+        assert isinstance(view, memoryview) and view.readonly and view == payload  # zero-copy
+        assert await client.get("ar1") == payload  # over HTTP the store reads the region (and its CRC)
+        loc = http_call(store, "GET", "/location/ar1")[1]["locations"][0]
+        assert loc["read_pointer"] == put.shm_name and loc["read_offset"] == put.shm_offset
+        stats = await client.stats()
+        assert stats["shm_arenas"] == 1 and stats["shm_arena_bytes"] == 1 << 20
+        assert stats["memory_info"]["used"] == 1 << 20  # the arena is reserved; entries in it cost nothing more
+        del view
+        assert await client.release("ar1")
+        # 1 MiB arena, 300 KiB puts: twenty puts fit only if released regions are reused.
+        names = set()
+        for i in range(20):
+            data = os.urandom(300 * 1024)
+            put = await client.put(f"ar-{i}", data, owner="req-ar", lease_s=60)
+            names.add(put.shm_name)
+            got = await client.get(f"ar-{i}", shm_name=put.shm_name, size=put.size, crc32=put.crc32,
+                                   shm_offset=put.shm_offset)
+            assert got == data
+            del got
+            assert await client.release(f"ar-{i}")
+        assert len(names) == 1 and arena.is_arena_name(names.pop())
+        assert (await client.stats())["total_keys"] == 0
+
+
+async def test_arena_full_falls_back_to_a_segment(arena_store):
+    async with _arena_client(arena_store.address) as client:
+        puts = [await client.put(f"af-{i}", os.urandom(400 * 1024), owner="req-af", lease_s=60) for i in range(3)]
+        assert [arena.is_arena_name(p.shm_name) for p in puts] == [True, True, False]
+        assert shm.SHM_NAME_RE.fullmatch(puts[2].shm_name)  # a segment of its own
+        assert await client.release_owner("req-af") == 3
+        # the store's answers told the client its regions are free again
+        again = await client.put("af-again", os.urandom(400 * 1024), owner="req-af", lease_s=60)
+        assert arena.is_arena_name(again.shm_name)
+        await client.release("af-again")
+
+
+async def test_arena_is_a_share_of_the_store(arena_store):
+    async with _arena_client(arena_store.address, arena_bytes=1 << 30) as client:
+        put = await client.put("ab1", os.urandom(300 * 1024), owner="req-ab", lease_s=60)
+        assert arena.is_arena_name(put.shm_name)
+        info = http_call(arena_store.address, "GET", f"/v1/shm/arenas/{put.shm_name}")[1]
+        assert info["size"] == 16 << 20  # asked 1 GiB of a 64 MB store: a quarter
+        await client.release("ab1")
+
+
+async def test_arena_overwritten_region_is_data_loss(arena_store):
+    async with _arena_client(arena_store.address) as client:
+        payload = os.urandom(300 * 1024)
+        put = await client.put("ao1", payload, owner="req-ao", lease_s=60)
+        with open(os.path.join(shm.SHM_DIR, put.shm_name), "r+b") as f:  # a buggy writer scribbles
+            f.seek(put.shm_offset + 1000)
+            f.write(b"\x00" * 8 if payload[1000:1008] != b"\x00" * 8 else b"\x01" * 8)
+        with pytest.raises(DataLoss):
+            await client.get("ao1", shm_name=put.shm_name, size=put.size, crc32=put.crc32, shm_offset=put.shm_offset)
+        await client.release("ao1")
+
+
+def test_arena_regions_are_checked(arena_store):
+    store = arena_store.address
+    status, body = http_call(store, "POST", "/v1/shm/arenas", {"size": 1 << 20})
+    assert status == 201, body
+    name = body["arena"]
+    try:
+        def adopt(key, **fields):
+            return http_call(store, "POST", f"/v1/kv/{key}/shm", {"shm_name": name, "size": 4096, **fields})
+
+        assert adopt("rc1", offset=0)[0] == 201
+        for fields, fragment in [({"offset": 100}, "multiple"), ({"offset": 1 << 20}, "outside"),
+                                 ({"offset": 0}, "overlaps"), ({"offset": -4096}, "offset"),
+                                 ({"offset": "0"}, "offset"), ({"crc32": 0}, "arena")]:
+            status, body = adopt("rc2", **fields)
+            assert status == 400 and fragment in body["error"], (fields, body)
+        status, body = http_call(store, "POST", "/v1/kv/rc3/shm", {"shm_name": name[:-4] + "beef", "size": 1,
+                                                                   "offset": 0})
+        assert status == 404
+        for size in (0, -1, 1 << 40, "1", None, True):
+            assert http_call(store, "POST", "/v1/shm/arenas", {"size": size})[0] == 400, size
+        status, info = http_call(store, "GET", f"/v1/shm/arenas/{name}")
+        assert status == 200 and info["live"] == [[0, 4096]] and info["size"] == 1 << 20
+    finally:
+        status, body = http_call(store, "DELETE", f"/v1/shm/arenas/{name}")
+        assert status == 200 and body["released"] == 1  # its entry went with it
+    assert not os.path.exists(os.path.join(shm.SHM_DIR, name))
+    assert http_call(store, "GET", "/location/rc1")[0] == 404
+
+
+def test_arena_grants_are_bounded(arena_store):
+    store = arena_store.address
+    deadline = time.monotonic() + 15  # earlier tests' arenas go once idle (--arena-idle-s 2)
+    while _stats(store)["shm_arenas"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    granted = []
+    try:
+        for asked, expected in [(1 << 30, 16 << 20), (16 << 20, 16 << 20), (4 << 20, 0)]:
+            status, body = http_call(store, "POST", "/v1/shm/arenas", {"size": asked})
+            if expected:  # each arena at most a quarter of the 64 MB budget, all together at most half
+                assert status == 201 and body["size"] == expected, body
+                granted.append(body["arena"])
+            else:
+                assert status == 507 and "half" in body["error"], body
+    finally:
+        for name in granted:
+            assert http_call(store, "DELETE", f"/v1/shm/arenas/{name}")[0] == 200
+
+
+def test_idle_arena_is_deleted(arena_store):
+    status, body = http_call(arena_store.address, "POST", "/v1/shm/arenas", {"size": 4096})
+    assert status == 201
+    deadline = time.monotonic() + 10  # --arena-idle-s 2 plus the reaper's interval
+    while http_call(arena_store.address, "GET", f"/v1/shm/arenas/{body['arena']}")[0] == 200:
+        assert time.monotonic() < deadline, "an idle, empty arena was never deleted"
+        time.sleep(0.2)
+    assert not os.path.exists(os.path.join(shm.SHM_DIR, body["arena"]))
+
+
+def test_region_allocator_ignores_answers_older_than_a_resync():
+    regions = arena.RegionAllocator(4 * arena.ALIGN)
+    a, b = regions.alloc(10), regions.alloc(arena.ALIGN + 1)
+    assert (a, b) == (0, arena.ALIGN)
+    regions.commit(a)
+    regions.commit(b)
+    assert regions.alloc(2 * arena.ALIGN + 1) is None
+    regions.resync([(b, arena.ALIGN + 1)], version=5)  # the store dropped a
+    c = regions.alloc(10)
+    assert c == 0
+    regions.commit(c)
+    regions.freed(4, [(0, 10)])  # a late answer that still says "0 is free": 0 is c's now
+    assert regions.alloc(arena.ALIGN) == 3 * arena.ALIGN and regions.alloc(1) is None
+    regions.freed(6, [(b, arena.ALIGN + 1)])
+    assert regions.alloc(2 * arena.ALIGN) == arena.ALIGN

@@ -2,7 +2,10 @@
 
 A hand-off is what prefill and decode do with one KV group: publish it (``put``: checksum, write,
 commit in the store) and fetch it (``get``: read, verify the checksum), timed together. Paths:
-  shm     same host: the bytes go through a /dev/shm segment the store adopts (KVStoreClient, use_shm)
+  shm     same host: the writer copies the bytes into a region of its pre-faulted shm arena (CRC while
+          copying) and records it in the store; the reader gets a zero-copy view and verifies the CRC
+          (KVStoreClient, use_shm). Also timed: the reader's copy of the view into a buffer of its own
+          (decode's KV cache), reported as "shm + copy out" — the two copies a real hand-off makes
   binary  raw bytes over HTTP (PUT/GET /v1/kv/{key}, CRC-32 header; KVStoreClient, use_shm off)
   json    gswarm's JSON API with base64 (POST /write_extended type "base64", GET /read_extended/{key})
   memcpy  one plain copy of the same bytes into an already allocated buffer (numpy.copyto), timed in
@@ -80,8 +83,10 @@ class JsonPath:
         await self.session.close()
 
 
-async def _handoff(path: str, clients: dict, data: bytes, crc: int) -> tuple[float, float]:
-    """(publish seconds, fetch seconds) of one hand-off over ``path``; the entry is released after."""
+async def _handoff(path: str, clients: dict, data: bytes, crc: int, dst: np.ndarray) -> tuple[float, float, float]:
+    """(publish, fetch, copy-out seconds) of one hand-off over ``path``; the entry is released after.
+    Copy-out is the reader's copy of a zero-copy view into ``dst`` (0 for paths that return bytes)."""
+    copy_s = 0.0
     key = f"bench-{path}-{uuid.uuid4().hex[:12]}"
     if path == "json":
         j: JsonPath = clients["json"]
@@ -96,15 +101,18 @@ async def _handoff(path: str, clients: dict, data: bytes, crc: int) -> tuple[flo
         t0 = time.perf_counter()
         put = await c.put(key, data, owner="bench", lease_s=60)
         t1 = time.perf_counter()
-        got = await c.get(key, shm_name=put.shm_name, size=put.size, crc32=put.crc32)
+        got = await c.get(key, shm_name=put.shm_name, size=put.size, crc32=put.crc32, shm_offset=put.shm_offset)
         t2 = time.perf_counter()
+        if isinstance(got, memoryview):
+            np.copyto(dst, np.frombuffer(got, dtype=np.uint8))
+            copy_s = time.perf_counter() - t2
         await c.release(key)
         if path == "shm" and not put.shm_name:
             raise RuntimeError("the shm path did not use a shared-memory segment")
     if len(got) != len(data):
         raise RuntimeError(f"{path}: got {len(got)} bytes back, sent {len(data)}")
     del got
-    return t1 - t0, t2 - t1
+    return t1 - t0, t2 - t1, copy_s
 
 
 def _time(fn, reps: int) -> float:
@@ -161,17 +169,17 @@ async def _run(args, address: str) -> dict:
             dst = np.empty_like(src)
             np.copyto(dst, src)  # fault the destination in: memcpy into an existing buffer
             reps = _reps(size, args.reps)
-            times: dict[str, list[tuple[float, float]]] = {p: [] for p in paths}
+            times: dict[str, list[tuple[float, float, float]]] = {p: [] for p in paths}
             memcpy: list[float] = []
             for path in paths:  # one untimed round: connections, first-touch of the store's pages
                 if path != "json" or size <= args.json_max_mb * MB:
-                    await _handoff(path, clients, data, crc)
+                    await _handoff(path, clients, data, crc, dst)
             for rep in range(reps):
                 order = paths if rep % 2 == 0 else paths[::-1]
                 for path in order:
                     if path == "json" and (size > args.json_max_mb * MB or rep >= max(2, reps // 4)):
                         continue  # slow by design: a few repetitions say enough
-                    times[path].append(await _handoff(path, clients, data, crc))
+                    times[path].append(await _handoff(path, clients, data, crc, dst))
                 t = time.perf_counter()
                 np.copyto(dst, src)
                 memcpy.append(time.perf_counter() - t)
@@ -183,11 +191,16 @@ async def _run(args, address: str) -> dict:
             for path, ts in times.items():
                 if not ts:
                     continue
-                total = statistics.median(a + b for a, b in ts)
+                total = statistics.median(a + b for a, b, _ in ts)
                 row["paths"][path] = {
-                    "handoff_s": total, "publish_s": statistics.median(a for a, _ in ts),
-                    "fetch_s": statistics.median(b for _, b in ts), "reps": len(ts),
+                    "handoff_s": total, "publish_s": statistics.median(a for a, _, _ in ts),
+                    "fetch_s": statistics.median(b for _, b, _ in ts), "reps": len(ts),
                     "gb_s": size / total / 1e9, "ratio_to_memcpy": memcpy_s / total}
+                if any(c for _, _, c in ts):
+                    with_copy = statistics.median(a + b + c for a, b, c in ts)
+                    row["paths"][path].update(copy_out_s=statistics.median(c for _, _, c in ts),
+                                              handoff_with_copy_out_s=with_copy,
+                                              ratio_with_copy_out=memcpy_s / with_copy)
             rows.append(row)
             del data, src, dst
     finally:
@@ -221,6 +234,15 @@ def print_table(report: dict) -> None:
         speedup = f"{j['handoff_s'] / b['handoff_s']:.1f}x faster" if b and j else "-"
         print(f"{row['size_mb']:>5g} MB | {row['memcpy_s'] * 1000:7.2f} ms {row['memcpy_gb_s']:5.1f} GB/s | "
               + " | ".join(cells) + f" | {speedup}")
+    shm_rows = [r for r in report["rows"] if "ratio_with_copy_out" in r["paths"].get("shm", {})]
+    if shm_rows:
+        print("\nshm, publish + fetch (zero-copy view, CRC verified) + the reader's copy into its own buffer:")
+        for row in shm_rows:
+            r = row["paths"]["shm"]
+            print(f"{row['size_mb']:>5g} MB | publish {r['publish_s'] * 1000:.2f} ms, "
+                  f"fetch {r['fetch_s'] * 1000:.2f} ms, "
+                  f"copy out {r['copy_out_s'] * 1000:.2f} ms | {r['handoff_with_copy_out_s'] * 1000:.2f} ms "
+                  f"{r['ratio_with_copy_out']:.2f}x memcpy")
     print("\ncomponents (median ms): checksum, shm segment write, shm segment read, copy into a new buffer")
     for row in report["rows"]:
         c = row["components_s"]

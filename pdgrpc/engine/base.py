@@ -15,7 +15,9 @@ Prefill node, per batch of requests (``PrefillScheduler`` forms the batch):
 
 Decode node, per request (``DecodeScheduler`` runs the continuous batch):
   1. ``begin_sequence(work)``                 -> an engine-owned sequence state
-  2. ``load_kv(seq, group)``                  once per KV group, any order, as descriptors arrive
+  2. ``load_kv(seq, group)``                  once per KV group, any order, as descriptors arrive;
+                                                 ``group.data`` may be a read-only view of shared
+                                                 memory the writer reuses after the call: copy it
   3. ``start_decoding(seq, first_token)``     after the last group: cache complete
   4. ``decode_step(seqs)``                    -> one SampledToken per sequence; sequences join and
                                                  leave the batch between steps

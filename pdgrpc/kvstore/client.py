@@ -1,8 +1,11 @@
 """Async client of the pdgrpc KV store, used by every node to publish and fetch KV bytes.
 
 Data paths (the store's protocol is listed in ``pdgrpc.kvstore.server``):
-  * same host (``use_shm``): ``put`` writes a /dev/shm segment and asks the store to adopt it
-    (POST /v1/kv/{key}/shm); ``get(shm_name=...)`` reads the segment directly, no HTTP at all;
+  * same host (``use_shm``): ``put`` copies the bytes into a region of this client's shm arena
+    (``pdgrpc.kvstore.arena``: pre-faulted pages, one copy, CRC while copying) and records it
+    (POST /v1/kv/{key}/shm with the offset); ``get(shm_name=, shm_offset=)`` returns a zero-copy
+    view of the region, no HTTP at all. A payload the arena cannot hold goes to a /dev/shm segment
+    of its own, which the store adopts;
   * otherwise: raw bytes over HTTP (PUT / GET /v1/kv/{key}), crc32 in X-Checksum-Crc32.
 The crc32 is computed once, by the writer; readers verify it (DataLoss on mismatch).
 
@@ -16,7 +19,10 @@ import asyncio
 import contextlib
 import errno
 import ipaddress
+import logging
+import mmap
 import socket
+import time
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -33,8 +39,13 @@ from pdgrpc.errors import (
     Unavailable,
     error_for,
 )
+from pdgrpc.kvstore import arena as arenas
 from pdgrpc.kvstore import shm
 
+log = logging.getLogger(__name__)
+
+DEFAULT_ARENA_BYTES = 256 << 20  # per writing client; 0 turns arenas off (one segment per put)
+_ARENA_RETRY_S = 30.0  # after the store refused an arena, use plain segments this long
 SHM_MIN_BYTES = 256 << 10  # below this a segment costs more (create + adopt) than the HTTP body
 _BIG = 8 << 20  # above this, checksums and segment I/O run in a thread so the caller's loop stays live
 _SEND_CHUNK = 1 << 20  # request bodies above this are sent in pieces of this size
@@ -47,7 +58,17 @@ class PutResult:
     crc32: int
     location: str
     lease_expiry_unix: float
-    shm_name: str  # "" unless the bytes went through a shared-memory segment
+    shm_name: str  # "" unless the bytes went through a shared-memory segment or arena
+    shm_offset: int = 0  # where in the arena (0 for a segment of its own)
+
+
+class _WriterArena:
+    """This client's arena: its writable mapping and the regions it handed out."""
+
+    def __init__(self, name: str, size: int, mapping: mmap.mmap) -> None:
+        self.name, self.size, self.mapping = name, size, mapping
+        self.regions = arenas.RegionAllocator(size)
+        self.view = memoryview(mapping)
 
 
 async def _chunks(view: memoryview):
@@ -55,6 +76,16 @@ async def _chunks(view: memoryview):
     transport whole, it is copied into asyncio's buffer and memmoved down after every partial send."""
     for start in range(0, view.nbytes, _SEND_CHUNK):
         yield view[start:start + _SEND_CHUNK]
+
+
+_BACKGROUND: set[asyncio.Task] = set()
+
+
+def _background(coro) -> None:
+    """Run ``coro`` on its own, keeping a reference until it ends (asyncio keeps only weak ones)."""
+    task = asyncio.ensure_future(coro)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
 
 
 async def _maybe_thread(fn, *args, size: int):
@@ -83,7 +114,8 @@ def _is_local_host(host: str) -> bool:
 
 class KVStoreClient:
     def __init__(self, address: str, *, token: str | None = None, use_shm: bool | None = None,
-                 timeout_s: float = 30.0, shm_min_bytes: int = SHM_MIN_BYTES) -> None:
+                 timeout_s: float = 30.0, shm_min_bytes: int = SHM_MIN_BYTES,
+                 shm_arena_bytes: int = DEFAULT_ARENA_BYTES) -> None:
         address = address.strip().removeprefix("http://").rstrip("/")
         if not address or address.startswith(":") or ":" not in address:
             raise InvalidArgument(f"kv store address {address!r} must be host:port")
@@ -94,6 +126,11 @@ class KVStoreClient:
         self._token = token
         self._use_shm = use_shm
         self.shm_min_bytes = shm_min_bytes
+        self.shm_arena_bytes = shm_arena_bytes
+        self._arena: _WriterArena | None = None
+        self._arena_lock = asyncio.Lock()
+        self._arena_retry_at = 0.0
+        self._reader = arenas.ArenaReader()
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None
 
@@ -112,10 +149,14 @@ class KVStoreClient:
         except TypeError as exc:
             raise InvalidArgument(f"put {key!r}: data must be a contiguous bytes-like buffer ({exc})") from None
         size = view.nbytes
-        crc = await _maybe_thread(shm.checksum, view, size=size)
-        # Small payloads are faster over HTTP than through a segment (file create + adopt call).
+        # Small payloads are faster over HTTP than through shared memory (a store call either way).
         if size >= self.shm_min_bytes and await self.shm_enabled():
+            put = await self._put_arena(key, view, owner=owner, lease_s=lease_s, location=location)
+            if put is not None:
+                return put
+            crc = await _maybe_thread(shm.checksum, view, size=size)
             return await self._put_shm(key, view, crc, owner=owner, lease_s=lease_s, location=location)
+        crc = await _maybe_thread(shm.checksum, view, size=size)
         params = {"owner": owner, "lease_s": repr(float(lease_s)), "location": location}
         headers = {"X-Checksum-Crc32": str(crc), "Content-Type": "application/octet-stream"}
         if size > _SEND_CHUNK:  # in pieces, with the length up front (see _chunks)
@@ -124,6 +165,95 @@ class KVStoreClient:
         else:
             body = await self._request("PUT", self._kv_url(key), params=params, data=view, headers=headers)
         return self._put_result(body, shm_name="")
+
+    async def _put_arena(self, key: str, view: memoryview, *, owner: str, lease_s: float,
+                         location: str) -> PutResult | None:
+        """Copy into a free region of our arena and record it; None when there is no arena or no
+        room (the caller then uses a segment of its own)."""
+        arena = await self._writer_arena()
+        if arena is None or view.nbytes > arena.size:
+            return None
+        offset = arena.regions.alloc(view.nbytes)
+        if offset is None:  # regions freed by other processes' releases: ask the store which
+            await self._resync_arena(arena)
+            offset = arena.regions.alloc(view.nbytes)
+            if offset is None:
+                return None
+        # The copy (in a thread when big) and the store's bookkeeping run at once: nobody can ask for
+        # the key before this put returns, and by then both are done.
+        dst = arena.view[offset:offset + view.nbytes]
+        copy = asyncio.ensure_future(_maybe_thread(arenas.copy_with_crc, dst, view, size=view.nbytes))
+        commit = asyncio.ensure_future(self._request("POST", self._kv_url(key, "/shm"), json={
+            "shm_name": arena.name, "offset": offset, "size": view.nbytes, "owner": owner, "lease_s": lease_s,
+            "location": location}))
+        try:
+            await asyncio.wait([copy, commit])
+        except asyncio.CancelledError:
+            # The copy thread runs on whatever we do: the region is reusable only after it ended.
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(asyncio.wait([copy, commit]))
+            self._undo_arena_put(arena, offset, key, commit)
+            raise
+        if copy.exception() is not None or commit.exception() is not None:
+            self._undo_arena_put(arena, offset, key, commit)
+            exc = commit.exception() or copy.exception()
+            if isinstance(exc, NotFound):  # the store lost the arena (restarted, or reaped it while idle)
+                self._drop_arena(arena)
+                return None
+            raise exc
+        body = commit.result()
+        arena.regions.commit(offset)
+        arena.regions.freed(int(body.get("version", 0)), [(int(o), int(n)) for o, n in body.get("freed", [])])
+        return PutResult(key=body["key"], size=int(body["size"]), crc32=copy.result(), location=body["location"],
+                         lease_expiry_unix=float(body["lease_expiry_unix"]), shm_name=arena.name, shm_offset=offset)
+
+    def _undo_arena_put(self, arena: _WriterArena, offset: int, key: str, commit: asyncio.Future) -> None:
+        """A put that failed halfway: forget the region, and the key if the store recorded it (in
+        the background: the caller is failing or being cancelled)."""
+        if commit.done() and not commit.cancelled() and commit.exception() is None:
+            arena.regions.commit(offset)  # the store holds it until the release below lands
+
+            async def release() -> None:
+                with contextlib.suppress(PdgrpcError):
+                    await self.release(key)
+
+            _background(release())
+        else:
+            # Not recorded, or unknown (cancelled in flight): if it was, the store refuses overlaps
+            # with it until its lease ends, so a reuse of the region fails loudly, not silently.
+            arena.regions.abandon(offset)
+
+    async def _writer_arena(self) -> _WriterArena | None:
+        if self._arena is not None or self.shm_arena_bytes <= 0 or time.monotonic() < self._arena_retry_at:
+            return self._arena
+        async with self._arena_lock:
+            if self._arena is None and time.monotonic() >= self._arena_retry_at:
+                try:
+                    body = await self._request("POST", f"{self._base}/v1/shm/arenas",
+                                               json={"size": self.shm_arena_bytes})
+                    name, size = body["arena"], int(body["size"])
+                    mapping = await asyncio.to_thread(arenas.map_arena, name, writable=True)
+                    self._arena = _WriterArena(name, size, mapping)
+                except (PdgrpcError, KeyError, TypeError, ValueError) as exc:
+                    log.warning("kv store %s: no shm arena (%s); one segment per put for %gs",
+                                self.address, exc, _ARENA_RETRY_S)
+                    self._arena_retry_at = time.monotonic() + _ARENA_RETRY_S
+        return self._arena
+
+    async def _resync_arena(self, arena: _WriterArena) -> None:
+        try:
+            body = await self._request("GET", f"{self._base}/v1/shm/arenas/{arena.name}")
+        except NotFound:
+            self._drop_arena(arena)
+            return
+        arena.regions.resync([(int(o), int(n)) for o, n in body["live"]], int(body.get("version", 0)))
+
+    def _drop_arena(self, arena: _WriterArena) -> None:
+        if self._arena is arena:
+            self._arena = None
+        arena.view.release()
+        with contextlib.suppress(BufferError):  # a copy still running holds a view: unmapped when it ends
+            arena.mapping.close()
 
     async def _put_shm(self, key: str, view: memoryview, crc: int, *, owner: str, lease_s: float,
                        location: str) -> PutResult:
@@ -157,9 +287,22 @@ class KVStoreClient:
                 shm.unlink_segment(name)
 
     async def get(self, key: str, *, shm_name: str = "", size: int | None = None,
-                  crc32: int | None = None) -> bytes | bytearray:
-        """The entry's bytes, checked against ``size`` and the CRC-32: bytes from a shm segment,
-        a bytearray over HTTP."""
+                  crc32: int | None = None, shm_offset: int = 0) -> bytes | bytearray | memoryview:
+        """The entry's bytes, checked against ``size`` and the CRC-32: a zero-copy read-only view of
+        an arena region (valid until the key is released: copy out first), bytes from a segment of
+        its own, a bytearray over HTTP."""
+        if shm_name and arenas.is_arena_name(shm_name):
+            if size is None or crc32 is None:
+                raise InvalidArgument(f"key {key!r}: reading an arena region needs its size and crc32")
+            try:
+                view = self._reader.view(shm_name, shm_offset, size)
+            except NotFound:
+                raise NotFound(f"key {key!r}: shm arena {shm_name} is gone (store restarted)") from None
+            actual_crc = await _maybe_thread(shm.checksum, view, size=size)
+            if actual_crc != crc32:
+                raise DataLoss(f"key {key!r}: crc32 {actual_crc} does not match the expected {crc32} "
+                               "(region released or overwritten?)")
+            return view
         if shm_name:
             try:
                 actual = shm.segment_size(shm_name)
@@ -230,6 +373,11 @@ class KVStoreClient:
         return isinstance(body, dict) and body.get("status") == "ok"
 
     async def close(self) -> None:
+        # The arena is left to the store: entries in it may still wait for their readers; the
+        # store deletes it once it is empty and idle.
+        if self._arena is not None:
+            self._drop_arena(self._arena)
+        self._reader.close()
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -9,10 +9,13 @@ An entry is one of three kinds:
   * ``json``   — a JSON value written through /write or /write_extended, held as canonical JSON text;
   * ``binary`` — raw bytes from PUT /v1/kv/{key} or /write_extended type "base64";
   * ``shm``    — a /dev/shm segment a same-host client created and the store adopted; the table
-                 owns it from then on and unlinks it when the entry goes (release, expiry, shutdown).
+                 owns it from then on and unlinks it when the entry goes (release, expiry, shutdown);
+                 or a region of a shm arena (``pdgrpc.kvstore.arena``): the entry going frees the
+                 region for the arena's writer to reuse.
 
-Capacity: every kind counts against ``capacity`` (shm segments live in RAM too). A write that does
-not fit is refused with ResourceExhausted; nothing is ever evicted to make room.
+Capacity: every kind counts against ``capacity`` (shm segments live in RAM too). An arena reserves
+its whole size when it is created; entries inside it then cost nothing more. A write that does not
+fit is refused with ResourceExhausted; nothing is ever evicted to make room.
 
 Locations: ``dram``, ``pinned_dram``, ``disk`` and ``device:N`` are accepted and reported, but on
 this CPU-only store every entry is held in host memory whatever its location says (there is no
@@ -35,6 +38,7 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from pdgrpc.errors import InvalidArgument, NotFound, ResourceExhausted
+from pdgrpc.kvstore import arena as arenas
 from pdgrpc.kvstore import shm
 
 log = logging.getLogger(__name__)
@@ -120,12 +124,14 @@ class Entry:
     key: str
     kind: str
     size: int
-    crc32: int
+    crc32: int | None  # None: an arena region committed while it was written; readers get it elsewhere
     location: str
     owner: str = ""
     expires_at: float | None = None  # time.monotonic(); None = no lease, kept until released
     data: bytes = b""  # canonical JSON text (json) or the raw bytes (binary); empty for shm
     shm_name: str = ""
+    shm_offset: int = 0
+    arena: arenas.Arena | None = None  # set when the bytes live in a region of this arena
     last_accessed: float = field(default_factory=time.time)
 
     def touch(self) -> None:
@@ -139,7 +145,7 @@ class Entry:
 
     def location_info(self) -> dict:
         """gswarm's LocationInfo. read_pointer is the shm segment name for same-host readers."""
-        return {
+        info = {
             "location": self.location,
             "size": self.size,
             "last_accessed": self.last_accessed,
@@ -147,6 +153,9 @@ class Entry:
             "copy_progress": 1.0,
             "read_pointer": self.shm_name or None,
         }
+        if self.arena is not None:  # pdgrpc extension: where in the arena the bytes are
+            info["read_offset"] = self.shm_offset
+        return info
 
 
 # ---- request fields ----------------------------------------------------------------------------
@@ -200,7 +209,8 @@ class EntryTable:
         if capacity <= 0:
             raise InvalidArgument(f"capacity must be > 0 bytes, got {capacity}")
         self.capacity = capacity
-        self.used = 0
+        self.used = 0  # bytes of entries outside arenas plus the full size of every arena
+        self.arenas: dict[str, arenas.Arena] = {}
         self._entries: dict[str, Entry] = {}
         self._shm_owner: dict[str, str] = {}  # shm_name -> key, so one segment is adopted once
         self._by_location: dict[str, list[int]] = {}  # exact location -> [bytes, keys]
@@ -256,15 +266,21 @@ class EntryTable:
             old = None
         if old is not None and not replace:
             raise KeyExists(f"key {entry.key!r} already exists")
-        if entry.shm_name:
+        if entry.arena is not None:
+            entry.arena.check_region(entry.shm_offset, entry.size)
+        elif entry.shm_name:
             self.check_shm_name_free(entry.shm_name)
-        self.check_fits(entry.size, replacing=old)
+        if entry.arena is None:  # an arena's space was reserved when it was created
+            self.check_fits(entry.size, replacing=old if old is not None and old.arena is None else None)
         if old is not None:
             self._remove(old, "replaced")
         self._entries[entry.key] = entry
-        self.used += entry.size
+        if entry.arena is not None:
+            entry.arena.add(entry.shm_offset, entry.size)
+        else:
+            self.used += entry.size
         self._account(entry.location, entry.size, 1)
-        if entry.shm_name:
+        if entry.shm_name and entry.arena is None:
             self._shm_owner[entry.shm_name] = entry.key
 
     def remove(self, key: str) -> Entry:
@@ -308,17 +324,74 @@ class EntryTable:
         return len(victims)
 
     def clear(self) -> None:
-        """Drop everything (shutdown): unlink every segment the store owns."""
+        """Drop everything (shutdown): unlink every segment and arena the store owns."""
         for entry in list(self._entries.values()):
             self._remove(entry, "shutdown")
+        for name in list(self.arenas):
+            self.drop_arena(name, "shutdown")
+
+    # ---- arenas -------------------------------------------------------------------------------
+
+    @staticmethod
+    def arena_size(size: object) -> int:
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= arenas.MAX_ARENA_BYTES:
+            raise InvalidArgument(f"arena size must be an integer in (0, {arenas.MAX_ARENA_BYTES}], got {size!r}")
+        return arenas.align_up(size)
+
+    def grant_arena(self, asked: int) -> int:
+        """How big an arena we hand out for ``asked`` bytes: arenas are reserved whole, so each gets
+        at most a quarter of the budget and all of them at most half, leaving room for the rest."""
+        in_arenas = sum(a.size for a in self.arenas.values())
+        size = min(asked, self.capacity // 4, self.capacity // 2 - in_arenas) // arenas.ALIGN * arenas.ALIGN
+        if size < min(asked, arenas.MIN_ARENA_BYTES):
+            raise ResourceExhausted(f"no room for another shm arena: {in_arenas} of {self.capacity} bytes "
+                                    "are in arenas already (at most half)")
+        self.check_fits(size)
+        return size
+
+    def add_arena(self, name: str, size: int) -> arenas.Arena:
+        """Register an arena file the caller created and reserve its size (ResourceExhausted if it
+        does not fit: the caller then removes the file)."""
+        self.check_fits(size)
+        arena = self.arenas[name] = arenas.Arena(name, size)
+        self.used += size
+        return arena
+
+    def arena(self, name: object) -> arenas.Arena:
+        arena = self.arenas.get(name) if isinstance(name, str) else None
+        if arena is None:
+            raise NotFound(f"shm arena {name!r} not found")
+        return arena
+
+    def drop_arena(self, name: str, reason: str) -> int:
+        """Remove an arena, its entries first (``reason`` for them); the count of entries dropped."""
+        arena = self.arena(name)
+        victims = [e for e in self._entries.values() if e.arena is arena]
+        for entry in victims:
+            self._remove(entry, reason)
+        del self.arenas[name]
+        self.used -= arena.size
+        shm.unlink_segment(name)
+        return len(victims)
+
+    def drop_idle_arenas(self, idle_s: float) -> int:
+        """Arenas with no live entry and no write for ``idle_s``: their writer is gone or idle."""
+        cutoff = time.monotonic() - idle_s
+        idle = [a.name for a in self.arenas.values() if not a.live and a.last_used < cutoff]
+        for name in idle:
+            self.drop_arena(name, "expired")
+        return len(idle)
 
     def _remove(self, entry: Entry, reason: str) -> None:
         if self._entries.get(entry.key) is not entry:
             return
         del self._entries[entry.key]
-        self.used -= entry.size
         self._account(entry.location, -entry.size, -1)
-        if entry.shm_name:
+        if entry.arena is not None:
+            entry.arena.remove(entry.shm_offset)
+        else:
+            self.used -= entry.size
+        if entry.shm_name and entry.arena is None:
             self._shm_owner.pop(entry.shm_name, None)
             try:
                 shm.unlink_segment(entry.shm_name)
@@ -376,6 +449,9 @@ class EntryTable:
             },
             "shm_keys": len(shm_entries),
             "shm_bytes": sum(e.size for e in shm_entries),
+            "shm_arenas": len(self.arenas),
+            "shm_arena_bytes": sum(a.size for a in self.arenas.values()),
+            "shm_arena_used_bytes": sum(a.used_bytes for a in self.arenas.values()),
         }
 
 

@@ -19,7 +19,12 @@ pdgrpc binary path (no JSON, no base64)
   PUT    /v1/kv/{key}?owner=&lease_s=&location=   body = raw bytes, optional X-Checksum-Crc32
                                 -> 201 {"key","size","crc32","location","lease_expiry_unix"}; 409 if it exists
   GET    /v1/kv/{key}           -> raw bytes, header X-Checksum-Crc32
-  POST   /v1/kv/{key}/shm       {"shm_name","size","crc32","owner","lease_s","location"} adopt a segment
+  POST   /v1/kv/{key}/shm       {"shm_name","size","crc32","owner","lease_s","location"} adopt a segment,
+                                or with "offset": record a region of an arena (pdgrpc.kvstore.arena)
+  POST   /v1/shm/arenas         {"size"} -> 201 {"arena","size"}: a pre-faulted arena for a same-host writer,
+                                at most the size asked (each arena <= 1/4 of the budget, all <= 1/2)
+  GET    /v1/shm/arenas/{name}  -> {"arena","size","live":[[offset,size],...]}
+  DELETE /v1/shm/arenas/{name}  -> {"released": n} (its entries go with it)
   DELETE /v1/owner/{owner}      -> {"released": n}
   POST   /v1/lease/renew        {"owner","lease_s"} -> {"renewed": n}
   GET    /health, GET /metrics  (never need the token)
@@ -56,6 +61,7 @@ from pdgrpc.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from pdgrpc.kvstore import arena as arenas
 from pdgrpc.kvstore import shm
 from pdgrpc.kvstore.entries import (
     KIND_BINARY,
@@ -82,7 +88,7 @@ _BIG = 8 << 20  # above this, checksums and segment reads go to a thread so the 
 _SEND_CHUNK = 1 << 20  # bodies above this are written in pieces of this size (see get_kv)
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(I?B)?\s*$", re.IGNORECASE)
 _GPU_TARGET_RE = re.compile(r"^[^:/]+:device:[0-9]+$")
-_WRITE_ROUTES = {"write", "write_extended", "put_kv", "adopt_shm"}
+_WRITE_ROUTES = {"write", "write_extended", "put_kv", "adopt_shm", "create_arena"}
 
 
 def parse_size(text: str | int) -> int:
@@ -106,6 +112,7 @@ class StoreConfig:
     default_lease_s: float = 120.0  # binary/shm writes without lease_s; 0 = no expiry
     log_level: str = "info"
     access_log: bool = False
+    arena_idle_s: float = 300.0  # an empty arena nobody wrote to for this long is deleted
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -119,6 +126,8 @@ class StoreConfig:
                 validate_lease(self.default_lease_s)
             except InvalidArgument as exc:
                 raise InvalidArgument(f"--default-lease-s: {exc.message} (or 0 for no expiry)") from None
+        if not 0 < self.arena_idle_s < float("inf"):
+            raise InvalidArgument(f"--arena-idle-s must be > 0 seconds, got {self.arena_idle_s}")
         if self.token is not None and not self.token.strip():
             raise InvalidArgument("token must not be blank")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -128,7 +137,7 @@ class StoreConfig:
     def from_args(cls, args: argparse.Namespace) -> StoreConfig:
         return cls(host=args.host, port=args.port, max_memory=parse_size(args.max_memory),
                    token=args.token or os.environ.get("PDGRPC_STORE_TOKEN") or None,
-                   default_lease_s=args.default_lease_s, log_level=args.log_level,
+                   default_lease_s=args.default_lease_s, arena_idle_s=args.arena_idle_s, log_level=args.log_level,
                    access_log=args.access_log)
 
 
@@ -141,6 +150,8 @@ class Store:
         self.table = EntryTable(config.max_memory, on_remove=self.metrics.on_remove)
         self._reaper: asyncio.Task | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._arena_maps = arenas.ArenaReader()
+        self.scope = str(config.port)  # shm names carry the port, so a restart finds its leftovers
 
     # ---- helpers -----------------------------------------------------------------------------
 
@@ -167,6 +178,9 @@ class Store:
     async def _entry_bytes(self, entry: Entry) -> bytes | bytearray:
         if entry.kind != KIND_SHM:
             return entry.data
+        if entry.arena is not None:  # a copy: the writer may reuse the region once the key is released
+            view = self._arena_maps.view(entry.shm_name, entry.shm_offset, entry.size)
+            return await asyncio.to_thread(bytes, view) if entry.size > _BIG else bytes(view)
         try:
             if entry.size > _BIG:
                 return await asyncio.to_thread(shm.read_segment, entry.shm_name, entry.size)
@@ -339,8 +353,11 @@ class Store:
         entry.touch()
         data = await self._entry_bytes(entry)
         self.metrics.read_bytes.labels("binary").inc(len(data))
+        crc = entry.crc32
+        if crc is None:  # an arena region committed without one (see adopt_shm)
+            crc = await asyncio.to_thread(shm.checksum, data) if len(data) > _BIG else shm.checksum(data)
         headers = {"Content-Type": "application/json" if entry.kind == KIND_JSON else "application/octet-stream",
-                   "X-Checksum-Crc32": str(entry.crc32), "X-Pdgrpc-Location": entry.location}
+                   "X-Checksum-Crc32": str(crc), "X-Pdgrpc-Location": entry.location}
         if len(data) <= _SEND_CHUNK:
             return web.Response(body=data, headers=headers)
         # Big bodies go out chunk by chunk, each write waiting for the socket to drain: handed to
@@ -365,10 +382,22 @@ class Store:
         size, crc = body.get("size"), body.get("crc32")
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise InvalidArgument(f"size must be an integer >= 0, got {size!r}")
-        if isinstance(crc, bool) or not isinstance(crc, int) or not 0 <= crc < 1 << 32:
+        if crc is None and "offset" in body:
+            pass  # an arena region committed while it is written: the store computes it if ever asked
+        elif isinstance(crc, bool) or not isinstance(crc, int) or not 0 <= crc < 1 << 32:
             raise InvalidArgument(f"crc32 must be an integer in [0, 2**32), got {crc!r}")
         owner, expires_at, location = self._binary_args(key, body.get("owner"), body.get("lease_s"),
                                                         body.get("location"))
+        if "offset" in body:  # a region of an arena: the table checks bounds and overlaps
+            arena = self.table.arena(name)
+            entry = self._add(Entry(key=key, kind=KIND_SHM, size=size, crc32=crc, location=location, owner=owner,
+                                    expires_at=expires_at, shm_name=name, shm_offset=body["offset"], arena=arena),
+                              "shm")
+            version, freed = arena.take_freed()
+            return web.json_response({**_put_answer(entry), "shm_name": name, "offset": entry.shm_offset,
+                                      "version": version, "freed": freed}, status=201)
+        if arenas.is_arena_name(name):
+            raise InvalidArgument(f"{name} is an arena: give the region's offset")
         self.table.check_shm_name_free(name)
         try:
             actual = shm.segment_size(name)
@@ -380,6 +409,30 @@ class Store:
         entry = self._add(Entry(key=key, kind=KIND_SHM, size=size, crc32=crc, location=location, owner=owner,
                                 expires_at=expires_at, shm_name=name), "shm")
         return web.json_response({**_put_answer(entry), "shm_name": name}, status=201)
+
+    async def create_arena(self, request: web.Request) -> web.Response:
+        body = parse_json_object(await request.read())
+        size = self.table.grant_arena(self.table.arena_size(body.get("size")))
+        name = arenas.new_arena_name(self.scope)
+        try:
+            await asyncio.to_thread(arenas.create_arena_file, name, size)  # allocates every page: not on the loop
+        except OSError as exc:
+            raise ResourceExhausted(f"cannot create a {size}-byte shm arena: {exc}") from None
+        try:
+            arena = self.table.add_arena(name, size)
+        except ResourceExhausted:  # other writes took the space meanwhile
+            shm.unlink_segment(name)
+            raise
+        return web.json_response({"arena": arena.name, "size": arena.size}, status=201)
+
+    async def arena_info(self, request: web.Request) -> web.Response:
+        arena = self.table.arena(request.match_info["name"])
+        self.table.expire()  # expired regions are free regions
+        version, _ = arena.take_freed()  # the live list supersedes them
+        return web.json_response({"arena": arena.name, "size": arena.size, "live": arena.live, "version": version})
+
+    async def drop_arena(self, request: web.Request) -> web.Response:
+        return web.json_response({"released": self.table.drop_arena(request.match_info["name"], "released")})
 
     async def release_owner(self, request: web.Request) -> web.Response:
         owner = validate_owner(request.match_info["owner"], allow_empty=False)
@@ -432,6 +485,9 @@ class Store:
             n = self.table.expire()
             if n:
                 log.info("reclaimed %d expired entries", n)
+            n = self.table.drop_idle_arenas(self.config.arena_idle_s)
+            if n:
+                log.info("deleted %d idle, empty shm arenas", n)
 
     async def on_startup(self, app: web.Application) -> None:
         self._reaper = asyncio.create_task(self._reap())
@@ -442,6 +498,7 @@ class Store:
         if self._session is not None:
             await self._session.close()
         self.table.clear()  # unlinks every shm segment the store owns
+        self._arena_maps.close()
 
     def build_app(self) -> web.Application:
         # The body cap is the memory budget: nothing larger could ever be stored anyway.
@@ -461,6 +518,9 @@ class Store:
         r.add_put("/v1/kv/{key}", self.put_kv, name="put_kv")
         r.add_get("/v1/kv/{key}", self.get_kv)
         r.add_post("/v1/kv/{key}/shm", self.adopt_shm, name="adopt_shm")
+        r.add_post("/v1/shm/arenas", self.create_arena, name="create_arena")
+        r.add_get("/v1/shm/arenas/{name}", self.arena_info)
+        r.add_delete("/v1/shm/arenas/{name}", self.drop_arena)
         r.add_delete("/v1/owner/{owner}", self.release_owner)
         r.add_post("/v1/lease/renew", self.renew)
         r.add_get("/health", self.health)
@@ -517,6 +577,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: $PDGRPC_STORE_TOKEN; the env var keeps it out of `ps`)")
     parser.add_argument("--default-lease-s", type=float, default=120.0,
                         help="lease of binary/shm entries written without lease_s; 0 = no expiry (default 120)")
+    parser.add_argument("--arena-idle-s", type=float, default=300.0,
+                        help="delete a shm arena that has held no entry and seen no write for this long "
+                             "(its writer is gone or idle; a live writer makes a new one; default 300)")
     parser.add_argument("--log-level", default="info", help="debug, info, warning, error (default info)")
     parser.add_argument("--access-log", action="store_true", help="log every request (off: it is noise)")
 
@@ -540,6 +603,7 @@ async def serve(config: StoreConfig) -> int:
         return 1
     port = runner.addresses[0][1] if runner.addresses else config.port  # the real one when --port 0
     where = _hostport(config.host, port)
+    store.scope = str(port)
     leftovers = shm.remove_scope(str(port))
     if leftovers:
         log.warning("removed %d shared-memory segments left by a previous store on port %d", leftovers, port)

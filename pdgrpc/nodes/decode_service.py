@@ -181,7 +181,10 @@ class DecodeService:
             if d.location == "device":  # CUDA IPC: the producer's GPU tensor, copied GPU to GPU on load
                 data = await fetch_device_group(self.store, d.key, d.size_bytes)
             else:
-                data = await self.store.get(d.key, shm_name=d.shm_name, size=d.size_bytes, crc32=d.crc32)
+                # Same host: a zero-copy view of the arena region; load_kv copies it into our cache
+                # before the release below lets the writer reuse the region.
+                data = await self.store.get(d.key, shm_name=d.shm_name, size=d.size_bytes, crc32=d.crc32,
+                                            shm_offset=d.shm_offset)
         except NotFound:
             metrics.KV_TRANSFER_FAILURES.labels("decode", "not_found").inc()
             raise NotFound(f"KV key {d.key!r} not found in store {self.store.address}") from None

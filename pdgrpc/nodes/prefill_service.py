@@ -190,6 +190,7 @@ class PrefillService:
             layout=KVLayout(spec.fingerprint, spec.dtype, group.layer_start, group.layer_end, group.token_start,
                             group.token_end, spec.num_kv_heads, spec.head_dim),
             size_bytes=put.size, crc32=put.crc32, lease_expiry_unix=put.lease_expiry_unix, shm_name=put.shm_name,
+            shm_offset=put.shm_offset,
             group_index=index,
         )
 
