@@ -231,7 +231,7 @@ def decode_event_to_pb(e: t.DecodeEvent) -> d_pb.DecodeResponse:
     if isinstance(e, t.KVLoaded):
         return d_pb.DecodeResponse(kv_loaded=d_pb.KVLoaded(group_index=e.group_index, size_bytes=e.size_bytes))
     if isinstance(e, t.TokenOut):
-        return d_pb.DecodeResponse(token=d_pb.DecodeToken(token_id=e.token_id, text=e.text, logprob=e.logprob))
+        return d_pb.DecodeResponse(tokens=_tokens_to_pb(e))
     return d_pb.DecodeResponse(finished=d_pb.DecodeFinished(
         finish_reason=_FINISH_TO_PB[e.finish_reason], completion_tokens=e.completion_tokens))
 
@@ -241,11 +241,25 @@ def decode_event_from_pb(m: d_pb.DecodeResponse) -> t.DecodeEvent:
     if kind == "kv_loaded":
         return t.KVLoaded(m.kv_loaded.group_index, m.kv_loaded.size_bytes)
     if kind == "token":
-        return t.TokenOut(m.token.token_id, m.token.text, m.token.logprob)
+        return t.TokenOut.one(m.token.token_id, m.token.text, m.token.logprob)
+    if kind == "tokens":
+        return _tokens_from_pb(m.tokens)
     if kind == "finished":
         return t.DecodeFinished(_FINISH_FROM_PB.get(m.finished.finish_reason, t.FinishReason.UNSPECIFIED),
                                 m.finished.completion_tokens)
     raise InvalidArgument("decode response has no event")
+
+
+def _tokens_to_pb(e: t.TokenOut) -> d_pb.DecodeTokens:
+    return d_pb.DecodeTokens(token_ids=e.token_ids, text=e.text, logprobs=e.logprobs)
+
+
+def _tokens_from_pb(m: d_pb.DecodeTokens) -> t.TokenOut:
+    if not m.token_ids:
+        raise InvalidArgument("DecodeTokens without a token")
+    if m.logprobs and len(m.logprobs) != len(m.token_ids):
+        raise InvalidArgument(f"DecodeTokens: {len(m.logprobs)} logprobs for {len(m.token_ids)} tokens")
+    return t.TokenOut(tuple(m.token_ids), m.text, tuple(m.logprobs))
 
 
 # ---- colocated -------------------------------------------------------------------------------
@@ -256,7 +270,7 @@ def colocated_event_to_pb(e: t.ColocatedEvent) -> col_pb.ColocatedResponse:
     if isinstance(e, t.PrefillDone):
         return col_pb.ColocatedResponse(first=prefill_event_to_pb(e).done)
     if isinstance(e, t.TokenOut):
-        return col_pb.ColocatedResponse(token=decode_event_to_pb(e).token)
+        return col_pb.ColocatedResponse(tokens=_tokens_to_pb(e))
     return col_pb.ColocatedResponse(finished=decode_event_to_pb(e).finished)
 
 
@@ -268,6 +282,8 @@ def colocated_event_from_pb(m: col_pb.ColocatedResponse) -> t.ColocatedEvent:
         return prefill_event_from_pb(p_pb.PrefillResponse(done=m.first))
     if kind == "token":
         return decode_event_from_pb(d_pb.DecodeResponse(token=m.token))
+    if kind == "tokens":
+        return _tokens_from_pb(m.tokens)
     if kind == "finished":
         return decode_event_from_pb(d_pb.DecodeResponse(finished=m.finished))
     raise InvalidArgument("colocated response has no event")

@@ -221,9 +221,18 @@ class KVLoaded:
 
 @dataclass(frozen=True)
 class TokenOut:
-    token_id: int
+    """Generated tokens that were ready together (usually one), with the text they add."""
+
+    token_ids: tuple[int, ...]
     text: str
-    logprob: float = 0.0
+    logprobs: tuple[float, ...] = ()
+
+    @classmethod
+    def one(cls, token_id: int, text: str, logprob: float = 0.0) -> "TokenOut":
+        return cls((token_id,), text, (logprob,))
+
+    def merged(self, other: "TokenOut") -> "TokenOut":
+        return TokenOut(self.token_ids + other.token_ids, self.text + other.text, self.logprobs + other.logprobs)
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,20 @@ def test_convert_rejects_unknown_fields():
         convert.generate_request_from_pb(msg)
 
 
+def test_convert_carries_several_tokens_per_message_and_reads_old_single_tokens():
+    from pdgrpc.v1 import decode_pb2
+
+    out = t.TokenOut.one(5, "a", -0.5).merged(t.TokenOut.one(6, "b", -0.25))
+    assert out == t.TokenOut((5, 6), "ab", (-0.5, -0.25))
+    assert convert.decode_event_from_pb(convert.decode_event_to_pb(out)) == out
+    assert convert.colocated_event_from_pb(convert.colocated_event_to_pb(out)) == out
+    legacy = decode_pb2.DecodeResponse(token=decode_pb2.DecodeToken(token_id=7, text="c", logprob=-1.0))
+    assert convert.decode_event_from_pb(legacy) == t.TokenOut((7,), "c", (-1.0,))
+    for bad in (decode_pb2.DecodeTokens(), decode_pb2.DecodeTokens(token_ids=[1, 2], logprobs=[0.0])):
+        with pytest.raises(InvalidArgument, match="DecodeTokens"):
+            convert.decode_event_from_pb(decode_pb2.DecodeResponse(tokens=bad))
+
+
 def test_config_fills_ports_from_the_base_and_rejects_mistakes(tmp_path):
     cfg = cfgmod.from_dict({"prefill": [{}, {}], "decode": [{}]}, 40000)
     assert cfg.coordinator.port == 40000 and cfg.store.port == 40001

@@ -213,8 +213,7 @@ class Router:
                             if p.prefill_done and loaded == p.groups:
                                 p.all_loaded = time.monotonic()
                     elif isinstance(ev, TokenOut):
-                        out.put_nowait(GenerateDelta(ev.text, (ev.token_id,),
-                                                     (ev.logprob,) if sampling.logprobs else ()))
+                        out.put_nowait(GenerateDelta(ev.text, ev.token_ids, ev.logprobs if sampling.logprobs else ()))
                     elif isinstance(ev, DecodeFinished):
                         out.put_nowait(ev)
                         return
@@ -267,8 +266,9 @@ class Router:
         try:
             tasks.append(asyncio.create_task(pump_prefill()))
             self._live_owners.add(owner)
+            pending = None  # taken from the queue while merging deltas, handled next
             while True:
-                ev = await out.get()
+                ev, pending = (pending, None) if pending is not None else (await out.get(), None)
                 if isinstance(ev, _NodeFailed):
                     raise ev
                 if isinstance(ev, BaseException):
@@ -289,6 +289,14 @@ class Router:
                         reason = ev.finish_reason
                         break
                 elif isinstance(ev, GenerateDelta):
+                    # Deltas that queued up while the client's last message was being sent go out as one.
+                    while not out.empty():
+                        more = out.get_nowait()
+                        if not isinstance(more, GenerateDelta):
+                            pending = more
+                            break
+                        ev = GenerateDelta(ev.text + more.text, ev.token_ids + more.token_ids,
+                                           ev.logprobs + more.logprobs)
                     metrics.INTER_TOKEN_LATENCY.labels(p.model).observe(now - p.last_token)
                     p.last_token = now
                     state.generated.extend(ev.token_ids)
@@ -337,8 +345,8 @@ class Router:
                 elif isinstance(ev, TokenOut):
                     metrics.INTER_TOKEN_LATENCY.labels(p.model).observe(now - p.last_token)
                     p.last_token = now
-                    p.completion_tokens += 1
-                    yield GenerateDelta(ev.text, (ev.token_id,), (ev.logprob,) if req.sampling.logprobs else ())
+                    p.completion_tokens += len(ev.token_ids)
+                    yield GenerateDelta(ev.text, ev.token_ids, ev.logprobs if req.sampling.logprobs else ())
                 elif isinstance(ev, DecodeFinished):
                     yield self._final(rid, ev.finish_reason, p, queue_s, node, node)
                     return

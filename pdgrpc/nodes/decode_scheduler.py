@@ -88,7 +88,7 @@ class DecodeScheduler:
                 if e not in self._active:  # its caller left during the step
                     continue
                 text, reason = e.tracker.add(tok.token_id)
-                e.out.put_nowait((TokenOut(tok.token_id, text, tok.logprob), reason))
+                e.out.put_nowait((TokenOut.one(tok.token_id, text, tok.logprob), reason))
                 if reason is not None:
                     self.remove(e)
             # Let request tasks run (send tokens, add sequences) between steps.

@@ -134,8 +134,17 @@ class DecodeService:
                 item = await entry.out.get()
                 if isinstance(item, BaseException):
                     raise item
-                token, reason = item
-                yield token
+                tokens, reason = item
+                # Tokens that piled up while the last message was being sent go out together: the
+                # same latency for each, one message instead of many (the per-message cost is what
+                # limits a busy node and the coordinator).
+                while reason is None and not entry.out.empty():
+                    item = entry.out.get_nowait()
+                    if isinstance(item, BaseException):
+                        yield tokens
+                        raise item
+                    tokens, reason = tokens.merged(item[0]), item[1]
+                yield tokens
                 if reason is not None:
                     yield DecodeFinished(reason, len(tracker.token_ids))
                     return

@@ -344,7 +344,7 @@ class VllmDecodeService(_VllmService):
                 completion = out.outputs[0]
                 for i, token in enumerate(completion.token_ids):
                     text, reason = tracker.add(token)
-                    yield TokenOut(token, text, _logprob(completion, i))
+                    yield TokenOut.one(token, text, _logprob(completion, i))
                     if reason is not None:
                         yield DecodeFinished(reason, len(tracker.token_ids))
                         return  # closing the generator aborts the vLLM request if it is still running
@@ -402,7 +402,7 @@ class VllmColocatedService(_VllmService):
                             yield DecodeFinished(reason, 1)
                             return
                         continue
-                    yield TokenOut(token, text, _logprob(completion, i))
+                    yield TokenOut.one(token, text, _logprob(completion, i))
                     if reason is not None:
                         yield DecodeFinished(reason, len(tracker.token_ids))
                         return

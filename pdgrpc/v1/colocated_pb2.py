@@ -28,7 +28,7 @@ from pdgrpc.v1 import decode_pb2 as pdgrpc_dot_v1_dot_decode__pb2
 from pdgrpc.v1 import prefill_pb2 as pdgrpc_dot_v1_dot_prefill__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19pdgrpc/v1/colocated.proto\x12\tpdgrpc.v1\x1a\x16pdgrpc/v1/common.proto\x1a\x16pdgrpc/v1/decode.proto\x1a\x17pdgrpc/v1/prefill.proto\"\xcb\x01\n\x11\x43olocatedResponse\x12,\n\x07started\x18\x01 \x01(\x0b\x32\x19.pdgrpc.v1.PrefillStartedH\x00\x12\'\n\x05\x66irst\x18\x02 \x01(\x0b\x32\x16.pdgrpc.v1.PrefillDoneH\x00\x12\'\n\x05token\x18\x03 \x01(\x0b\x32\x16.pdgrpc.v1.DecodeTokenH\x00\x12-\n\x08\x66inished\x18\x04 \x01(\x0b\x32\x19.pdgrpc.v1.DecodeFinishedH\x00\x42\x07\n\x05\x65vent2\x92\x01\n\tColocated\x12\x45\n\x08Generate\x12\x19.pdgrpc.v1.PrefillRequest\x1a\x1c.pdgrpc.v1.ColocatedResponse0\x01\x12>\n\x0bGetNodeInfo\x12\x1a.pdgrpc.v1.NodeInfoRequest\x1a\x13.pdgrpc.v1.NodeInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19pdgrpc/v1/colocated.proto\x12\tpdgrpc.v1\x1a\x16pdgrpc/v1/common.proto\x1a\x16pdgrpc/v1/decode.proto\x1a\x17pdgrpc/v1/prefill.proto\"\xf6\x01\n\x11\x43olocatedResponse\x12,\n\x07started\x18\x01 \x01(\x0b\x32\x19.pdgrpc.v1.PrefillStartedH\x00\x12\'\n\x05\x66irst\x18\x02 \x01(\x0b\x32\x16.pdgrpc.v1.PrefillDoneH\x00\x12\'\n\x05token\x18\x03 \x01(\x0b\x32\x16.pdgrpc.v1.DecodeTokenH\x00\x12-\n\x08\x66inished\x18\x04 \x01(\x0b\x32\x19.pdgrpc.v1.DecodeFinishedH\x00\x12)\n\x06tokens\x18\x05 \x01(\x0b\x32\x17.pdgrpc.v1.DecodeTokensH\x00\x42\x07\n\x05\x65vent2\x92\x01\n\tColocated\x12\x45\n\x08Generate\x12\x19.pdgrpc.v1.PrefillRequest\x1a\x1c.pdgrpc.v1.ColocatedResponse0\x01\x12>\n\x0bGetNodeInfo\x12\x1a.pdgrpc.v1.NodeInfoRequest\x1a\x13.pdgrpc.v1.NodeInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,7 +36,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdgrpc.v1.colocated_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_COLOCATEDRESPONSE']._serialized_start=114
-  _globals['_COLOCATEDRESPONSE']._serialized_end=317
-  _globals['_COLOCATED']._serialized_start=320
-  _globals['_COLOCATED']._serialized_end=466
+  _globals['_COLOCATEDRESPONSE']._serialized_end=360
+  _globals['_COLOCATED']._serialized_start=363
+  _globals['_COLOCATED']._serialized_end=509
 # @@protoc_insertion_point(module_scope)

@@ -10,13 +10,15 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ColocatedResponse(_message.Message):
-    __slots__ = ("started", "first", "token", "finished")
+    __slots__ = ("started", "first", "token", "finished", "tokens")
     STARTED_FIELD_NUMBER: _ClassVar[int]
     FIRST_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
     started: _prefill_pb2.PrefillStarted
     first: _prefill_pb2.PrefillDone
     token: _decode_pb2.DecodeToken
     finished: _decode_pb2.DecodeFinished
-    def __init__(self, started: _Optional[_Union[_prefill_pb2.PrefillStarted, _Mapping]] = ..., first: _Optional[_Union[_prefill_pb2.PrefillDone, _Mapping]] = ..., token: _Optional[_Union[_decode_pb2.DecodeToken, _Mapping]] = ..., finished: _Optional[_Union[_decode_pb2.DecodeFinished, _Mapping]] = ...) -> None: ...
+    tokens: _decode_pb2.DecodeTokens
+    def __init__(self, started: _Optional[_Union[_prefill_pb2.PrefillStarted, _Mapping]] = ..., first: _Optional[_Union[_prefill_pb2.PrefillDone, _Mapping]] = ..., token: _Optional[_Union[_decode_pb2.DecodeToken, _Mapping]] = ..., finished: _Optional[_Union[_decode_pb2.DecodeFinished, _Mapping]] = ..., tokens: _Optional[_Union[_decode_pb2.DecodeTokens, _Mapping]] = ...) -> None: ...

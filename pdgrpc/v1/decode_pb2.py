@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from pdgrpc.v1 import common_pb2 as pdgrpc_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pdgrpc/v1/decode.proto\x12\tpdgrpc.v1\x1a\x16pdgrpc/v1/common.proto\"\x83\x01\n\x0b\x44\x65\x63odeStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.pdgrpc.v1.SamplingParams\x12\x19\n\x11model_fingerprint\x18\x04 \x01(\t\"9\n\x0c\x44\x65\x63odeKVDone\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12\x11\n\tkv_groups\x18\x02 \x01(\x05\"\x9c\x01\n\rDecodeRequest\x12\'\n\x05start\x18\x01 \x01(\x0b\x32\x16.pdgrpc.v1.DecodeStartH\x00\x12-\n\ndescriptor\x18\x02 \x01(\x0b\x32\x17.pdgrpc.v1.KVDescriptorH\x00\x12*\n\x07kv_done\x18\x03 \x01(\x0b\x32\x17.pdgrpc.v1.DecodeKVDoneH\x00\x42\x07\n\x05\x65vent\"3\n\x08KVLoaded\x12\x13\n\x0bgroup_index\x18\x01 \x01(\x05\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\">\n\x0b\x44\x65\x63odeToken\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"[\n\x0e\x44\x65\x63odeFinished\x12.\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x17.pdgrpc.v1.FinishReason\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\x9b\x01\n\x0e\x44\x65\x63odeResponse\x12(\n\tkv_loaded\x18\x01 \x01(\x0b\x32\x13.pdgrpc.v1.KVLoadedH\x00\x12\'\n\x05token\x18\x02 \x01(\x0b\x32\x16.pdgrpc.v1.DecodeTokenH\x00\x12-\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x19.pdgrpc.v1.DecodeFinishedH\x00\x42\x07\n\x05\x65vent2\x8b\x01\n\x06\x44\x65\x63ode\x12\x41\n\x06\x44\x65\x63ode\x12\x18.pdgrpc.v1.DecodeRequest\x1a\x19.pdgrpc.v1.DecodeResponse(\x01\x30\x01\x12>\n\x0bGetNodeInfo\x12\x1a.pdgrpc.v1.NodeInfoRequest\x1a\x13.pdgrpc.v1.NodeInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pdgrpc/v1/decode.proto\x12\tpdgrpc.v1\x1a\x16pdgrpc/v1/common.proto\"\x83\x01\n\x0b\x44\x65\x63odeStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.pdgrpc.v1.SamplingParams\x12\x19\n\x11model_fingerprint\x18\x04 \x01(\t\"9\n\x0c\x44\x65\x63odeKVDone\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12\x11\n\tkv_groups\x18\x02 \x01(\x05\"\x9c\x01\n\rDecodeRequest\x12\'\n\x05start\x18\x01 \x01(\x0b\x32\x16.pdgrpc.v1.DecodeStartH\x00\x12-\n\ndescriptor\x18\x02 \x01(\x0b\x32\x17.pdgrpc.v1.KVDescriptorH\x00\x12*\n\x07kv_done\x18\x03 \x01(\x0b\x32\x17.pdgrpc.v1.DecodeKVDoneH\x00\x42\x07\n\x05\x65vent\"3\n\x08KVLoaded\x12\x13\n\x0bgroup_index\x18\x01 \x01(\x05\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\">\n\x0b\x44\x65\x63odeToken\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"A\n\x0c\x44\x65\x63odeTokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\"[\n\x0e\x44\x65\x63odeFinished\x12.\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x17.pdgrpc.v1.FinishReason\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xc6\x01\n\x0e\x44\x65\x63odeResponse\x12(\n\tkv_loaded\x18\x01 \x01(\x0b\x32\x13.pdgrpc.v1.KVLoadedH\x00\x12\'\n\x05token\x18\x02 \x01(\x0b\x32\x16.pdgrpc.v1.DecodeTokenH\x00\x12-\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x19.pdgrpc.v1.DecodeFinishedH\x00\x12)\n\x06tokens\x18\x04 \x01(\x0b\x32\x17.pdgrpc.v1.DecodeTokensH\x00\x42\x07\n\x05\x65vent2\x8b\x01\n\x06\x44\x65\x63ode\x12\x41\n\x06\x44\x65\x63ode\x12\x18.pdgrpc.v1.DecodeRequest\x1a\x19.pdgrpc.v1.DecodeResponse(\x01\x30\x01\x12>\n\x0bGetNodeInfo\x12\x1a.pdgrpc.v1.NodeInfoRequest\x1a\x13.pdgrpc.v1.NodeInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,10 +43,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KVLOADED']._serialized_end=464
   _globals['_DECODETOKEN']._serialized_start=466
   _globals['_DECODETOKEN']._serialized_end=528
-  _globals['_DECODEFINISHED']._serialized_start=530
-  _globals['_DECODEFINISHED']._serialized_end=621
-  _globals['_DECODERESPONSE']._serialized_start=624
-  _globals['_DECODERESPONSE']._serialized_end=779
-  _globals['_DECODE']._serialized_start=782
-  _globals['_DECODE']._serialized_end=921
+  _globals['_DECODETOKENS']._serialized_start=530
+  _globals['_DECODETOKENS']._serialized_end=595
+  _globals['_DECODEFINISHED']._serialized_start=597
+  _globals['_DECODEFINISHED']._serialized_end=688
+  _globals['_DECODERESPONSE']._serialized_start=691
+  _globals['_DECODERESPONSE']._serialized_end=889
+  _globals['_DECODE']._serialized_start=892
+  _globals['_DECODE']._serialized_end=1031
 # @@protoc_insertion_point(module_scope)
