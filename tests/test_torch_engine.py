@@ -411,3 +411,20 @@ def test_smol_fingerprint_two_instances(smol):
         assert again.spec == smol.spec
     finally:
         again.close()
+
+
+def test_tensor_pool_reuses_big_buffers_and_bounds_what_it_keeps():
+    from pdgrpc.engine.torch_kv import TensorPool
+
+    pool = TensorPool(max_free_bytes=8 << 20, max_free=2)
+    a, base = pool.take((2, 1 << 18), torch.float32)  # 2 MiB
+    assert a.shape == (2, 1 << 18) and base is not None
+    pool.give(base)
+    b, again = pool.take((1 << 18,), torch.float32)  # smaller: served from the same buffer
+    assert again is base and b.data_ptr() == a.data_ptr()
+    small, none = pool.take((16,), torch.float32)
+    assert none is None and small.shape == (16,)
+    pool.give(again)
+    pool.give(pool.take((3 << 18,), torch.float32)[1])
+    pool.give(pool.take((5 << 18,), torch.float32)[1])
+    assert pool.free_bytes <= 8 << 20  # the smallest went first

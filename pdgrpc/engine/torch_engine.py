@@ -41,6 +41,7 @@ from pdgrpc.engine.registry import EngineOptions
 from pdgrpc.engine.torch_kv import (
     DecodeBatch,
     SequenceState,
+    TensorPool,
     check_group,
     kv_from_bytes,
     kv_group_bytes,
@@ -277,6 +278,7 @@ class TorchEngine(Engine):
         self.sampler = Sampler()
         self._serials = itertools.count(1)
         self._batch: DecodeBatch | None = None
+        self.pool = TensorPool()  # decode batch and sequence KV buffers, reused (see TensorPool)
 
     def close(self) -> None:
         """Stop the compute thread (the engine is unusable afterwards)."""
@@ -419,8 +421,8 @@ class TorchEngine(Engine):
     def _copy_group(self, seq: SequenceState, group: KVGroup) -> None:
         with torch.inference_mode():
             if seq.kv is None:
-                seq.kv = torch.empty(self.num_layers, 2, self.num_kv_heads, seq.prompt_len, self.head_dim,
-                                     dtype=self.dtype, device=self.device)
+                seq.kv, seq.kv_base = self.pool.take(
+                    (self.num_layers, 2, self.num_kv_heads, seq.prompt_len, self.head_dim), self.dtype, self.device)
                 seq.covered = np.zeros((self.num_layers, seq.prompt_len), dtype=bool)
             src = kv_from_bytes(group, self.dtype, self.num_kv_heads, self.head_dim)
             seq.kv[group.layer_start:group.layer_end, :, :, group.token_start:group.token_end].copy_(src)
@@ -475,16 +477,19 @@ class TorchEngine(Engine):
     def _rebuild(self, seqs: list[SequenceState]) -> DecodeBatch:
         """A new batch for this membership; sequences leaving the old one get their own copy back."""
         old = self._batch
-        new = DecodeBatch(seqs, self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device)
+        new = DecodeBatch(seqs, self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device, self.pool)
         members = {s.serial for s in seqs}
         if old is not None:
             for s in old.seqs:
                 if not s.freed and s.serial not in members and s.batch is old:
-                    s.kv = kv_view(s).contiguous()
+                    view = kv_view(s)
+                    s.kv, s.kv_base = self.pool.take(tuple(view.shape), view.dtype, view.device)
+                    s.kv.copy_(view)
                     s.batch, s.row = None, -1
             old.release()
         for row, s in enumerate(seqs):
-            s.batch, s.row, s.kv = new, row, None
+            self.pool.give(s.kv_base)  # its KV now lives in the batch
+            s.batch, s.row, s.kv, s.kv_base = new, row, None, None
         self._batch = new
         return new
 
@@ -492,7 +497,8 @@ class TorchEngine(Engine):
         if not isinstance(seq, SequenceState) or seq.freed:
             return
         seq.freed = True
-        seq.kv = seq.covered = None
+        self.pool.give(seq.kv_base)
+        seq.kv = seq.covered = seq.kv_base = None
         b, seq.batch = seq.batch, None
         if b is not None and b is self._batch and all(s.freed for s in b.seqs):
             self._batch = None
