@@ -205,3 +205,74 @@ def test_bench_coordinator_short_sweep(tmp_path):
     assert {"coordinator", "prefill-0", "decode-0", "store", "client"} <= set(run["cpu_ms_per_request"])
     assert run["ttft_minus_prefill_ms"]["p50"] is not None
     assert isinstance(report["max_sustained_rps"], float)
+
+
+# ---- vLLM peer: the disaggregated-prefill proxy (no vLLM needed) ----------------------------------
+
+@pytest.mark.fast
+async def test_vllm_peer_proxy_prefills_with_one_token_then_streams_the_consumer():
+    import asyncio
+
+    from aiohttp import web
+
+    from pdgrpc.bench.vllm_peer import make_proxy_app, time_request
+
+    calls: list[tuple[str, dict]] = []
+    chunks = [b'data: {"choices": [{"text": "a"}]}\n\n', b'data: {"choices": [{"text": "b"}]}\n\n',
+              b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}\n\n',
+              b"data: [DONE]\n\n"]
+
+    async def producer(request: web.Request) -> web.Response:
+        calls.append(("producer", await request.json()))
+        return web.json_response({"choices": [{"text": "a"}]})
+
+    async def consumer(request: web.Request) -> web.StreamResponse:
+        calls.append(("consumer", await request.json()))
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+        for c in chunks:
+            await out.write(c)
+        await out.write_eof()
+        return out
+
+    async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    runners = []
+    try:
+        for handler in (producer, consumer):
+            app = web.Application()
+            app.router.add_post("/v1/completions", handler)
+            runners.append(await serve(app))
+        runners.append(await serve(make_proxy_app(runners[0][1], runners[1][1])))
+        ttft, total, n = await asyncio.to_thread(time_request, runners[2][1], [5, 6, 7], 2)
+    finally:
+        for runner, _ in runners:
+            await runner.cleanup()
+    assert n == 2 and 0 < ttft <= total
+    assert [who for who, _ in calls] == ["producer", "consumer"]
+    prefill, decode = calls[0][1], calls[1][1]
+    assert prefill["max_tokens"] == 1 and "stream" not in prefill and "stream_options" not in prefill
+    assert prefill["prompt"] == decode["prompt"] == [5, 6, 7]
+    assert decode["max_tokens"] == 2 and decode["stream"] is True and decode["ignore_eos"] is True
+
+
+@pytest.mark.fast
+def test_vllm_peer_servers_match_pdgrpc_settings_and_producer_never_chunks(tmp_path):
+    from pdgrpc.bench.vllm_peer import server_command
+
+    (tmp_path / "config.json").write_text('{"max_position_embeddings": 8192}')
+    producer = server_command(str(tmp_path), 8100, "kv_producer", "/dev/shm/kv", "float32")
+    consumer = server_command(str(tmp_path), 8200, "kv_consumer", "/dev/shm/kv", "float32")
+    for cmd in (producer, consumer):
+        assert cmd[cmd.index("--max-model-len") + 1] == "2048" and cmd[cmd.index("--block-size") + 1] == "32"
+        assert "--enforce-eager" in cmd and "--no-enable-prefix-caching" in cmd
+    transfer = json.loads(consumer[consumer.index("--kv-transfer-config") + 1])
+    assert transfer == {"kv_connector": "ExampleConnector", "kv_role": "kv_consumer",
+                        "kv_connector_extra_config": {"shared_storage_path": "/dev/shm/kv"}}
+    # ExampleConnector would store a chunked prompt's first chunk under the whole prompt's key
+    assert "--no-enable-chunked-prefill" in producer and "--no-enable-chunked-prefill" not in consumer

@@ -204,19 +204,20 @@ def _decode(lc, events: list, max_tokens: int, fingerprint: str | None = None) -
 
 def test_corrupted_kv_is_recomputed_not_decoded_from(clusters, prompts):
     disagg, coloc = clusters
-    ids = prompts[-2]  # 700 tokens: its groups travel through /dev/shm segments
+    ids = prompts[-2]  # 700 tokens: its groups travel through /dev/shm (regions of the worker's arena)
     want = list(_run_all(coloc.coordinator, [ids])[0].token_ids)
     events = _prefill(disagg, "corrupt-1", ids, MAX_TOKENS)
     victim = next(e for e in events if isinstance(e, t.KVDescriptor) and e.shm_name)
+    middle = victim.shm_offset + victim.size_bytes // 2
     with open(f"/dev/shm/{victim.shm_name}", "r+b") as f:  # flip bytes in the middle of the entry
-        f.seek(victim.size_bytes // 2)
+        f.seek(middle)
         byte = f.read(1)
-        f.seek(victim.size_bytes // 2)
+        f.seek(middle)
         f.write(bytes([byte[0] ^ 0xFF]))
     failures0 = _metric(disagg, DECODE, "pdgrpc_kv_transfer_failures_total", role="decode")
     computed0 = _metric(disagg, DECODE, "pdgrpc_vllm_prompt_tokens_total", source="computed")
     out = _decode(disagg, events, MAX_TOKENS)
-    tokens = [events[-1].first_token_id] + [e.token_id for e in out if isinstance(e, t.TokenOut)]
+    tokens = [events[-1].first_token_id] + [i for e in out if isinstance(e, t.TokenOut) for i in e.token_ids]
     assert tokens == want
     assert not any(isinstance(e, t.KVLoaded) for e in out)  # nothing was loaded from the bad entry
     assert _metric(disagg, DECODE, "pdgrpc_kv_transfer_failures_total", role="decode") == failures0 + 1

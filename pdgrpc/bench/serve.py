@@ -28,8 +28,12 @@ from pdgrpc.bench.workloads import WORKLOADS, WorkloadSpec, poisson_arrivals
 from pdgrpc.client import AsyncClient
 
 VLLM_NOTE = ("vLLM peer skipped: the 'vllm' package is not installed here (pip install -e '.[vllm]'; see "
-             "/work/shared/engine-notes.md for how it runs on CPU). Driving vLLM's own disaggregated serving "
-             "(two OpenAI servers with its example KV connector and a proxy) comes with the vLLM issue.")
+             "/work/shared/engine-notes.md for how it runs on CPU).")
+# `bench serve` runs every setup at once through pdgrpc's gRPC client; vLLM's own disaggregated serving
+# (two OpenAI servers, ExampleConnector, proxy: pdgrpc.bench.vllm_peer) is driven over HTTP, one setup
+# at a time, by tools/bench_vllm.py, beside pdgrpc's vLLM setups with the same pinning.
+VLLM_PEER_NOTE = ("vLLM peer skipped: `bench serve` does not launch it; run `python tools/bench_vllm.py` to "
+                  "compare pdgrpc with vLLM's own disaggregated serving on the same cores (vllm-native-disagg)")
 
 
 def add_arguments(p) -> None:
@@ -236,9 +240,7 @@ def main(args) -> int:
         return 2
     peers: dict[str, str] = {}
     if "vllm" in args.peer:
-        peers["vllm"] = (VLLM_NOTE if importlib.util.find_spec("vllm") is None else
-                         "vLLM peer skipped: vllm is installed but this version of `bench serve` does not launch "
-                         "it yet (the vLLM issue adds the two-server + proxy launcher)")
+        peers["vllm"] = VLLM_NOTE if importlib.util.find_spec("vllm") is None else VLLM_PEER_NOTE
         print(peers["vllm"], file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
     engine = _engine(args)

@@ -28,7 +28,8 @@ Producer (prefill node)
                                  (its block ids, prompt length, owner, key prefix, layer groups)
   W save_kv_layer(layer)        as the forward runs: copy the layer's prompt KV out of its paged blocks
                                  into the group buffer; a complete group goes to the put thread
-                                 (CRC-32, a /dev/shm segment the store adopts, or HTTP PUT) while the
+                                 (same host: one copy into this worker's shm arena, CRC while copying,
+                                 a segment of its own when the arena is full; else HTTP PUT) while the
                                  next layers compute                                  SAVING
   W wait_for_save               wait until every put of the step is in the store: the blocks are
                                  never freed before the save is complete            SAVED | FAILED
@@ -84,6 +85,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.logger import init_logger
 
 from pdgrpc.engine.vllm_engine import PARAMS_KEY, WIRE_LAYOUT
+from pdgrpc.kvstore import arena as arenas
 from pdgrpc.kvstore import shm
 
 log = init_logger("vllm.gswarm_connector")  # under "vllm": vLLM's log handlers apply
@@ -203,7 +205,8 @@ def probe_cpu_layout(dtype: torch.dtype, block_size: int, heads: int, dim: int) 
 class SyncStore:
     """PUT/GET /v1/kv/{key}, shm adoption, DELETE /release/{key} and /v1/owner/{owner}."""
 
-    def __init__(self, address: str, token: str | None, use_shm: bool, timeout_s: float = 30.0) -> None:
+    def __init__(self, address: str, token: str | None, use_shm: bool, timeout_s: float = 30.0,
+                 arena_bytes: int = 256 << 20) -> None:
         self.address = address
         self.host, port = address.rsplit(":", 1)
         self.port = int(port)
@@ -211,6 +214,12 @@ class SyncStore:
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._timeout = timeout_s
         self._local = threading.local()
+        # Same-host writes go to a pre-faulted shm arena (pdgrpc.kvstore.arena), as the async client's do.
+        self.arena_bytes = arena_bytes if self.use_shm else 0
+        self._arena: tuple[str, Any, arenas.RegionAllocator] | None = None  # name, mapping, regions
+        self._arena_retry_at = 0.0
+        self._lock = threading.Lock()  # the allocator and the reader's mappings; puts run in threads
+        self._reader = arenas.ArenaReader()
 
     def _request(self, method: str, path: str, body=None, headers: dict | None = None) -> tuple[int, dict, bytes]:
         for attempt in (0, 1):
@@ -239,7 +248,70 @@ class SyncStore:
             status, "UNAVAILABLE" if status >= 500 else "INVALID_ARGUMENT")
         raise StoreError(code, f"{what}: kv store {self.address}: HTTP {status} {message}")
 
+    def _writer_arena(self) -> tuple[str, Any, arenas.RegionAllocator] | None:
+        with self._lock:
+            if self._arena is not None or not self.arena_bytes or time.monotonic() < self._arena_retry_at:
+                return self._arena
+            try:
+                status, _, raw = self._request("POST", "/v1/shm/arenas", json.dumps({"size": self.arena_bytes}),
+                                               {"Content-Type": "application/json"})
+                body = self._check(status, raw, "create arena")
+                mapping = arenas.map_arena(body["arena"], writable=True)
+                self._arena = (body["arena"], mapping, arenas.RegionAllocator(int(body["size"])))
+            except Exception as exc:  # noqa: BLE001 -- no arena: one segment per put for a while
+                log.warning("GswarmConnector: no shm arena (%s); one segment per put for 30 s", exc)
+                self._arena_retry_at = time.monotonic() + 30.0
+            return self._arena
+
+    def _put_arena(self, key: str, data: memoryview, owner: str, lease_s: float) -> dict | None:
+        arena = self._writer_arena()
+        if arena is None:
+            return None
+        name, mapping, regions = arena
+        with self._lock:
+            offset = regions.alloc(data.nbytes)
+        if offset is None:
+            status, _, raw = self._request("GET", f"/v1/shm/arenas/{name}")
+            if status == 404:
+                self._drop_arena(arena)
+                return None
+            info = self._check(status, raw, "arena info")
+            with self._lock:
+                regions.resync([(int(o), int(n)) for o, n in info["live"]], int(info.get("version", 0)))
+                offset = regions.alloc(data.nbytes)
+            if offset is None:
+                return None
+        committed = False
+        try:
+            crc = arenas.copy_with_crc(memoryview(mapping)[offset:offset + data.nbytes], data)
+            body = json.dumps({"shm_name": name, "offset": offset, "size": data.nbytes, "crc32": crc,
+                               "owner": owner, "lease_s": lease_s, "location": "dram"})
+            status, _, raw = self._request("POST", f"/v1/kv/{quote(key, safe='')}/shm", body,
+                                           {"Content-Type": "application/json"})
+            if status == 404:  # the store lost the arena (restarted, or reaped it while idle)
+                self._drop_arena(arena)
+                return None
+            answer = self._check(status, raw, f"put {key}")
+            committed = True
+            with self._lock:
+                regions.commit(offset)
+                regions.freed(int(answer.get("version", 0)), [(int(o), int(n)) for o, n in answer.get("freed", [])])
+            return {**answer, "crc32": crc, "shm_name": name, "shm_offset": offset}
+        finally:
+            if not committed:
+                with self._lock:
+                    regions.abandon(offset)
+
+    def _drop_arena(self, arena: tuple) -> None:
+        with self._lock:
+            if self._arena is arena:
+                self._arena = None
+
     def put(self, key: str, data: memoryview, owner: str, lease_s: float) -> dict:
+        if self.use_shm and data.nbytes >= SHM_MIN_BYTES:
+            answer = self._put_arena(key, data, owner, lease_s)
+            if answer is not None:
+                return answer
         crc = shm.checksum(data)
         if self.use_shm and data.nbytes >= SHM_MIN_BYTES:
             name = shm.new_segment_name(str(self.port))
@@ -258,14 +330,22 @@ class SyncStore:
             finally:
                 if not adopted:
                     shm.unlink_segment(name)
-            return {**answer, "shm_name": name}
+            return {**answer, "shm_name": name, "shm_offset": 0}
         query = urlencode({"owner": owner, "lease_s": repr(float(lease_s)), "location": "dram"})
         status, _, raw = self._request("PUT", f"/v1/kv/{quote(key, safe='')}?{query}", data,
                                        {"X-Checksum-Crc32": str(crc), "Content-Type": "application/octet-stream"})
-        return {**self._check(status, raw, f"put {key}"), "shm_name": ""}
+        return {**self._check(status, raw, f"put {key}"), "shm_name": "", "shm_offset": 0}
 
-    def get(self, key: str, shm_name: str, size: int, crc32: int) -> bytes:
-        if shm_name:
+    def get(self, key: str, shm_name: str, size: int, crc32: int, shm_offset: int = 0) -> bytes | memoryview:
+        """The bytes, checked; an arena region comes as a zero-copy view: use it before release."""
+        if shm_name and arenas.is_arena_name(shm_name):
+            try:
+                with self._lock:
+                    data = self._reader.view(shm_name, shm_offset, size)
+            except Exception as exc:  # noqa: BLE001 -- NotFound, DataLoss, InvalidArgument of pdgrpc
+                code = getattr(getattr(exc, "code", None), "name", "UNAVAILABLE")
+                raise StoreError(code, f"get {key}: {exc}") from None
+        elif shm_name:
             try:
                 data = shm.read_segment(shm_name, size)
             except Exception as exc:  # noqa: BLE001 -- NotFound, DataLoss, InvalidArgument of pdgrpc
@@ -476,7 +556,8 @@ class GswarmConnector(KVConnectorBase_V1):
         answer = self.store.put(f"{job.key_prefix}.g{index}", view, job.owner, job.lease_s)
         return {"key": answer["key"], "size": int(answer["size"]), "crc32": int(answer["crc32"]),
                 "location": answer["location"], "lease_expiry_unix": float(answer["lease_expiry_unix"]),
-                "shm_name": answer["shm_name"], "layer_start": start, "layer_end": end,
+                "shm_name": answer["shm_name"], "shm_offset": int(answer.get("shm_offset", 0)),
+                "layer_start": start, "layer_end": end,
                 "seconds": time.monotonic() - t0}
 
     def _load(self, job: LoadJob) -> dict:
@@ -490,7 +571,8 @@ class GswarmConnector(KVConnectorBase_V1):
                 expected = (end - start) * self._layer_bytes(job.wire_tokens)
                 if int(g["size"]) != expected:
                     raise StoreError("INVALID_ARGUMENT", f"{g['key']}: {g['size']} bytes, layout needs {expected}")
-                data = self.store.get(g["key"], g.get("shm_name", ""), int(g["size"]), int(g["crc32"]))
+                data = self.store.get(g["key"], g.get("shm_name", ""), int(g["size"]), int(g["crc32"]),
+                                      int(g.get("shm_offset", 0)))
                 self._scatter(job, start, end, data)
             self.counters["loaded_tokens"] += result["tokens"]
         except Exception as exc:  # noqa: BLE001 -- reported as a failed receive: vLLM recomputes

@@ -42,6 +42,7 @@ from pdgrpc.errors import (
     ResourceExhausted,
     error_for,
 )
+from pdgrpc.kvstore import arena as arenas
 from pdgrpc.kvstore import shm
 from pdgrpc.kvstore.client import KVStoreClient
 from pdgrpc.nodes.checks import check_decode_start, check_descriptor
@@ -256,7 +257,8 @@ class VllmPrefillService(_VllmService):
             layout = KVLayout(spec.fingerprint, spec.dtype, g["layer_start"], g["layer_end"], 0, num_tokens,
                               spec.num_kv_heads, spec.head_dim, result.get("layout", WIRE_LAYOUT))
             out.append((KVDescriptor(request_id, self.store.address, g["key"], g["location"], layout, g["size"],
-                                     g["crc32"], g["lease_expiry_unix"], g["shm_name"], group_index=i),
+                                     g["crc32"], g["lease_expiry_unix"], g["shm_name"], group_index=i,
+                                     shm_offset=int(g.get("shm_offset", 0))),
                         float(g.get("seconds", 0.0))))
         return out
 
@@ -285,7 +287,11 @@ class VllmDecodeService(_VllmService):
     async def _check_present(self, d: KVDescriptor) -> None:
         """NOT_FOUND now rather than a recompute later: the entry must still be in the store."""
         try:
-            if d.shm_name:
+            if d.shm_name and arenas.is_arena_name(d.shm_name):  # a region: the arena must be there
+                shm.segment_size(d.shm_name)
+                if not await self.store.exists(d.key):
+                    raise NotFound(d.key)
+            elif d.shm_name:
                 shm.segment_size(d.shm_name)
             else:  # the gswarm location call answers 404 for an unknown key
                 if not await self.store.exists(d.key):
@@ -328,7 +334,8 @@ class VllmDecodeService(_VllmService):
                 return
             groups.sort(key=lambda d: d.group_index)
             load = {"num_tokens": len(ids), "groups": [
-                {"key": d.key, "shm_name": d.shm_name, "size": d.size_bytes, "crc32": d.crc32,
+                {"key": d.key, "shm_name": d.shm_name, "shm_offset": d.shm_offset, "size": d.size_bytes,
+                 "crc32": d.crc32,
                  "layer_start": d.layout.layer_start, "layer_end": d.layout.layer_end} for d in groups]}
             sp = self.engine.sampling_params(start.sampling, start.sampling.max_tokens - 1,
                                              {PARAMS_KEY: {"load": load}})
