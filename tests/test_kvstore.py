@@ -734,3 +734,26 @@ def test_region_allocator_ignores_answers_older_than_a_resync():
     assert regions.alloc(arena.ALIGN) == 3 * arena.ALIGN and regions.alloc(1) is None
     regions.freed(6, [(b, arena.ALIGN + 1)])
     assert regions.alloc(2 * arena.ALIGN) == arena.ALIGN
+
+
+async def test_arena_put_cancelled_midway_leaves_nothing(arena_store):
+    async with _arena_client(arena_store.address, arena_bytes=16 << 20) as client:
+        data = os.urandom(10 << 20)  # big enough to be in flight when cancelled
+        for i in range(3):
+            task = asyncio.ensure_future(client.put(f"ac-{i}", data, owner="req-ac", lease_s=60))
+            await asyncio.sleep(0.001 * i)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        deadline = time.monotonic() + 10
+        while any(http_call(arena_store.address, "GET", f"/location/ac-{i}")[0] == 200 for i in range(3)):
+            assert time.monotonic() < deadline, "a cancelled put left its key behind"
+            await asyncio.sleep(0.05)
+        # the regions come back (resync): the arena still takes a put of that size
+        put = await client.put("ac-after", data, owner="req-ac", lease_s=60)
+        assert arena.is_arena_name(put.shm_name)
+        got = await client.get("ac-after", shm_name=put.shm_name, size=put.size, crc32=put.crc32,
+                               shm_offset=put.shm_offset)
+        assert got == data
+        del got
+        await client.release("ac-after")

@@ -221,13 +221,19 @@ class SyncStore:
         self._lock = threading.Lock()  # the allocator and the reader's mappings; puts run in threads
         self._reader = arenas.ArenaReader()
 
-    def _request(self, method: str, path: str, body=None, headers: dict | None = None) -> tuple[int, dict, bytes]:
+    def _request(self, method: str, path: str, body=None, headers: dict | None = None,
+                 meanwhile=None) -> tuple[int, dict, bytes]:
+        """One request on this thread's keep-alive connection; ``meanwhile()`` (if given) runs after
+        the request went out and before the answer is read, so the store works while we do."""
         for attempt in (0, 1):
             conn = getattr(self._local, "conn", None)
             if conn is None:
                 conn = self._local.conn = http.client.HTTPConnection(self.host, self.port, timeout=self._timeout)
             try:
                 conn.request(method, path, body=body, headers={**self._headers, **(headers or {})})
+                if meanwhile is not None:
+                    meanwhile()
+                    meanwhile = None  # a retry only resends the request
                 resp = conn.getresponse()
                 return resp.status, dict(resp.getheaders()), resp.read()
             except (OSError, http.client.HTTPException) as exc:
@@ -281,13 +287,21 @@ class SyncStore:
                 offset = regions.alloc(data.nbytes)
             if offset is None:
                 return None
-        committed = False
+        committed = sent = False
+        crcs: list[int] = []
         try:
-            crc = arenas.copy_with_crc(memoryview(mapping)[offset:offset + data.nbytes], data)
-            body = json.dumps({"shm_name": name, "offset": offset, "size": data.nbytes, "crc32": crc,
-                               "owner": owner, "lease_s": lease_s, "location": "dram"})
-            status, _, raw = self._request("POST", f"/v1/kv/{quote(key, safe='')}/shm", body,
-                                           {"Content-Type": "application/json"})
+            # The commit goes out first and the store records it while we copy (no crc32 in it:
+            # nobody can ask for the key before this put returns; readers get the CRC with it).
+            body = json.dumps({"shm_name": name, "offset": offset, "size": data.nbytes, "owner": owner,
+                               "lease_s": lease_s, "location": "dram"})
+            sent = True
+            status, _, raw = self._request(
+                "POST", f"/v1/kv/{quote(key, safe='')}/shm", body, {"Content-Type": "application/json"},
+                meanwhile=lambda: crcs.append(arenas.copy_with_crc(memoryview(mapping)[offset:offset + data.nbytes],
+                                                                   data)))
+            if not crcs:  # the copy raised inside the request: never report a region we did not fill
+                raise StoreError("INTERNAL", f"put {key}: copy into the arena failed")
+            crc = crcs[0]
             if status == 404:  # the store lost the arena (restarted, or reaped it while idle)
                 self._drop_arena(arena)
                 return None
@@ -299,8 +313,15 @@ class SyncStore:
             return {**answer, "crc32": crc, "shm_name": name, "shm_offset": offset}
         finally:
             if not committed:
+                # The commit may have been recorded: keep the region counted as used (a resync frees
+                # it once the store does not hold it) and release the key in case it was.
                 with self._lock:
-                    regions.abandon(offset)
+                    (regions.commit if sent else regions.abandon)(offset)
+                if sent:
+                    try:
+                        self.release(key)
+                    except StoreError:
+                        pass
 
     def _drop_arena(self, arena: tuple) -> None:
         with self._lock:

@@ -47,7 +47,7 @@ ALIGN = 4096  # regions start on page boundaries: copies stay aligned, no two re
 ARENA_TAG = "arena"
 MAX_ARENA_BYTES = 64 << 30
 MIN_ARENA_BYTES = 1 << 20  # a smaller grant than this (unless asked for) is refused: not worth an arena
-_COPY_CHUNK = 1 << 20  # fits L2: the CRC reads the chunk the copy just wrote from cache
+_COPY_CHUNK = 512 << 10  # half of L2: the CRC reads the chunk the copy just wrote from cache (measured best)
 
 
 def align_up(n: int) -> int:

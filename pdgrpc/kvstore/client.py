@@ -18,10 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import http.client
 import ipaddress
+import json
 import logging
 import mmap
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from urllib.parse import quote
@@ -128,9 +131,12 @@ class KVStoreClient:
         self.shm_min_bytes = shm_min_bytes
         self.shm_arena_bytes = shm_arena_bytes
         self._arena: _WriterArena | None = None
-        self._arena_lock = asyncio.Lock()
+        self._arena_task: asyncio.Future | None = None  # the arena being created, awaited by every put
         self._arena_retry_at = 0.0
         self._reader = arenas.ArenaReader()
+        self._local = threading.local()  # a blocking HTTP connection per thread, for arena commits
+        self._auth = {"Authorization": f"Bearer {token}"} if token else {}
+        self._timeout_s = timeout_s
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None
 
@@ -179,66 +185,98 @@ class KVStoreClient:
             offset = arena.regions.alloc(view.nbytes)
             if offset is None:
                 return None
-        # The copy (in a thread when big) and the store's bookkeeping run at once: nobody can ask for
-        # the key before this put returns, and by then both are done.
+        # One thread does both: it sends the commit, copies while the store records it, then reads
+        # the answer (nobody can ask for the key before this put returns, and by then both are done).
+        # In a thread, not on the loop: the copy takes a while and the GIL is free during it.
+        body = json.dumps({"shm_name": arena.name, "offset": offset, "size": view.nbytes, "owner": owner,
+                           "lease_s": lease_s, "location": location}).encode()
         dst = arena.view[offset:offset + view.nbytes]
-        copy = asyncio.ensure_future(_maybe_thread(arenas.copy_with_crc, dst, view, size=view.nbytes))
-        commit = asyncio.ensure_future(self._request("POST", self._kv_url(key, "/shm"), json={
-            "shm_name": arena.name, "offset": offset, "size": view.nbytes, "owner": owner, "lease_s": lease_s,
-            "location": location}))
+        work = asyncio.ensure_future(asyncio.to_thread(self._commit_while_copying, key, body, dst, view))
         try:
-            await asyncio.wait([copy, commit])
+            answer, crc = await asyncio.shield(work)
         except asyncio.CancelledError:
-            # The copy thread runs on whatever we do: the region is reusable only after it ended.
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(asyncio.wait([copy, commit]))
-            self._undo_arena_put(arena, offset, key, commit)
+            with contextlib.suppress(BaseException):  # the thread runs on: the region is ours until it ends
+                await work
+            self._forget_arena_put(arena, offset, key)
             raise
-        if copy.exception() is not None or commit.exception() is not None:
-            self._undo_arena_put(arena, offset, key, commit)
-            exc = commit.exception() or copy.exception()
-            if isinstance(exc, NotFound):  # the store lost the arena (restarted, or reaped it while idle)
-                self._drop_arena(arena)
-                return None
-            raise exc
-        body = commit.result()
-        arena.regions.commit(offset)
-        arena.regions.freed(int(body.get("version", 0)), [(int(o), int(n)) for o, n in body.get("freed", [])])
-        return PutResult(key=body["key"], size=int(body["size"]), crc32=copy.result(), location=body["location"],
-                         lease_expiry_unix=float(body["lease_expiry_unix"]), shm_name=arena.name, shm_offset=offset)
-
-    def _undo_arena_put(self, arena: _WriterArena, offset: int, key: str, commit: asyncio.Future) -> None:
-        """A put that failed halfway: forget the region, and the key if the store recorded it (in
-        the background: the caller is failing or being cancelled)."""
-        if commit.done() and not commit.cancelled() and commit.exception() is None:
-            arena.regions.commit(offset)  # the store holds it until the release below lands
-
-            async def release() -> None:
-                with contextlib.suppress(PdgrpcError):
-                    await self.release(key)
-
-            _background(release())
-        else:
-            # Not recorded, or unknown (cancelled in flight): if it was, the store refuses overlaps
-            # with it until its lease ends, so a reuse of the region fails loudly, not silently.
+        except NotFound:  # the store lost the arena (restarted, or reaped it while we were idle)
             arena.regions.abandon(offset)
+            self._drop_arena(arena)
+            return None
+        except BaseException:
+            self._forget_arena_put(arena, offset, key)
+            raise
+        arena.regions.commit(offset)
+        arena.regions.freed(int(answer.get("version", 0)), [(int(o), int(n)) for o, n in answer.get("freed", [])])
+        return PutResult(key=answer["key"], size=int(answer["size"]), crc32=crc, location=answer["location"],
+                         lease_expiry_unix=float(answer["lease_expiry_unix"]), shm_name=arena.name, shm_offset=offset)
+
+    def _commit_while_copying(self, key: str, body: bytes, dst: memoryview, src: memoryview) -> tuple[dict, int]:
+        """(the store's answer, CRC-32): send the commit, copy, then read the answer (in a thread)."""
+        path = self._kv_url(key, "/shm").removeprefix(self._base)
+        headers = {"Content-Type": "application/json", **self._auth}
+        conn = getattr(self._local, "conn", None)
+        try:
+            try:
+                if conn is None:
+                    raise ConnectionError("no connection yet")
+                conn.request("POST", path, body=body, headers=headers)
+            except (OSError, http.client.HTTPException):  # none yet, or a stale keep-alive one
+                if conn is not None:
+                    conn.close()
+                conn = self._local.conn = http.client.HTTPConnection(self._host, int(self._port),
+                                                                     timeout=self._timeout_s)
+                conn.request("POST", path, body=body, headers=headers)
+            crc = arenas.copy_with_crc(dst, src)
+            resp = conn.getresponse()
+            raw = resp.read()
+        except (OSError, http.client.HTTPException) as exc:
+            if conn is not None:
+                conn.close()
+            self._local.conn = None
+            raise Unavailable(f"kv store {self.address} unreachable: {exc!r}") from None
+        if resp.status >= 400:
+            try:
+                err = json.loads(raw)
+                message, code = str(err["error"]), err.get("code")
+            except (ValueError, KeyError, TypeError):
+                message, code = raw[:500].decode(errors="replace"), None
+            raise _error_for_status(resp.status, f"kv store {self.address}: {message}", code, self.address)
+        return json.loads(raw), crc
+
+    def _forget_arena_put(self, arena: _WriterArena, offset: int, key: str) -> None:
+        """A put that failed or was cancelled after its commit may have gone out: keep the region
+        counted as used (a resync frees it once the store does not hold it) and release the key in
+        the background in case the store recorded it."""
+        arena.regions.commit(offset)
+
+        async def release() -> None:
+            with contextlib.suppress(PdgrpcError):
+                await self.release(key)
+
+        _background(release())
 
     async def _writer_arena(self) -> _WriterArena | None:
         if self._arena is not None or self.shm_arena_bytes <= 0 or time.monotonic() < self._arena_retry_at:
             return self._arena
-        async with self._arena_lock:
-            if self._arena is None and time.monotonic() >= self._arena_retry_at:
-                try:
-                    body = await self._request("POST", f"{self._base}/v1/shm/arenas",
-                                               json={"size": self.shm_arena_bytes})
-                    name, size = body["arena"], int(body["size"])
-                    mapping = await asyncio.to_thread(arenas.map_arena, name, writable=True)
-                    self._arena = _WriterArena(name, size, mapping)
-                except (PdgrpcError, KeyError, TypeError, ValueError) as exc:
-                    log.warning("kv store %s: no shm arena (%s); one segment per put for %gs",
-                                self.address, exc, _ARENA_RETRY_S)
-                    self._arena_retry_at = time.monotonic() + _ARENA_RETRY_S
+        if self._arena_task is None:
+            self._arena_task = asyncio.ensure_future(self._create_arena())
+        # Shielded: a put cancelled now must not abandon an arena the store is creating for us.
+        await asyncio.shield(self._arena_task)
         return self._arena
+
+    async def _create_arena(self) -> None:
+        try:
+            body = await self._request("POST", f"{self._base}/v1/shm/arenas", json={"size": self.shm_arena_bytes})
+            name, size = body["arena"], int(body["size"])
+            mapping = await asyncio.to_thread(arenas.map_arena, name, writable=True)
+            self._arena = _WriterArena(name, size, mapping)
+        except (PdgrpcError, KeyError, TypeError, ValueError) as exc:
+            log.warning("kv store %s: no shm arena (%s); one segment per put for %gs",
+                        self.address, exc, _ARENA_RETRY_S)
+            self._arena_retry_at = time.monotonic() + _ARENA_RETRY_S
+        finally:
+            self._arena_task = None
 
     async def _resync_arena(self, arena: _WriterArena) -> None:
         try:
@@ -375,6 +413,9 @@ class KVStoreClient:
     async def close(self) -> None:
         # The arena is left to the store: entries in it may still wait for their readers; the
         # store deletes it once it is empty and idle.
+        if self._arena_task is not None:
+            with contextlib.suppress(BaseException):
+                await self._arena_task
         if self._arena is not None:
             self._drop_arena(self._arena)
         self._reader.close()
@@ -455,18 +496,21 @@ class KVStoreClient:
             message, code = str(body["error"]), body.get("code")
         except (ValueError, KeyError, TypeError, aiohttp.ClientError):
             message = (await resp.text(errors="replace"))[:500]
-        message = f"kv store {self.address}: {message}"
-        status = resp.status
-        if status == 507:
-            return ResourceExhausted(message)
-        if status == 404:
-            return NotFound(message)
-        if status in (400, 409, 413):
-            return InvalidArgument(message)
-        if status == 401:
-            return FailedPrecondition(f"kv store {self.address} rejected the token")
-        if status == 500 and code == "DATA_LOSS":  # e.g. an adopted segment was truncated
-            return DataLoss(message)
-        if status >= 500:
-            return Unavailable(f"{message} (HTTP {status})")
-        return error_for(code, message) if isinstance(code, str) else InvalidArgument(f"{message} (HTTP {status})")
+        return _error_for_status(resp.status, f"kv store {self.address}: {message}", code, self.address)
+
+
+def _error_for_status(status: int, message: str, code: str | None, address: str) -> PdgrpcError:
+    """The pdgrpc error for a store answer's HTTP status (and its ``code`` field)."""
+    if status == 507:
+        return ResourceExhausted(message)
+    if status == 404:
+        return NotFound(message)
+    if status in (400, 409, 413):
+        return InvalidArgument(message)
+    if status == 401:
+        return FailedPrecondition(f"kv store {address} rejected the token")
+    if status == 500 and code == "DATA_LOSS":  # e.g. an adopted segment was truncated
+        return DataLoss(message)
+    if status >= 500:
+        return Unavailable(f"{message} (HTTP {status})")
+    return error_for(code, message) if isinstance(code, str) else InvalidArgument(f"{message} (HTTP {status})")
