@@ -469,6 +469,11 @@ class StoreMetrics:
         self.released = Counter("pdgrpc_store_released", "Entries released by clients", registry=r)
         self.read_bytes = Counter("pdgrpc_store_read_bytes", "Bytes served, by path", ["path"], registry=r)
         self.written_bytes = Counter("pdgrpc_store_written_bytes", "Bytes accepted, by path", ["path"], registry=r)
+        self.arenas = Gauge("pdgrpc_store_shm_arenas", "Shared-memory arenas of same-host writers", registry=r)
+        self.arena_bytes = Gauge("pdgrpc_store_shm_arena_bytes",
+                                 "Bytes reserved by shm arenas (counted in the memory budget)", registry=r)
+        self.arena_used = Gauge("pdgrpc_store_shm_arena_used_bytes", "Bytes of live entries inside shm arenas",
+                                registry=r)
         self.capacity.set(capacity)
         for path in ("json", "binary", "shm"):  # pre-create label sets so dashboards see zeros
             self.writes.labels(path)
@@ -487,3 +492,6 @@ class StoreMetrics:
         for cls, (size, keys) in table.totals_by_class().items():
             self.bytes.labels(cls).set(size)
             self.keys.labels(cls).set(keys)
+        self.arenas.set(len(table.arenas))
+        self.arena_bytes.set(sum(a.size for a in table.arenas.values()))
+        self.arena_used.set(sum(a.used_bytes for a in table.arenas.values()))
