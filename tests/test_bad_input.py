@@ -177,6 +177,13 @@ def test_decode_path_like_shm_name_is_invalid(cluster, engine):
             INVALID, "shared-memory")
 
 
+@pytest.mark.parametrize("name, offset", [("pdgrpc-123-abc", 4096), ("pdgrpc-123-arenaabc", 100)])
+def test_decode_shm_offset_outside_an_arena_is_invalid(cluster, engine, name, offset):
+    ids = [1, 5, 6]
+    _expect(cluster, [_good_start(engine, ids), _descriptor(cluster, engine, ids, shm_name=name, shm_offset=offset)],
+            INVALID, "shm offset")
+
+
 def test_decode_checksum_mismatch_is_data_loss(cluster, engine):
     import urllib.request
 

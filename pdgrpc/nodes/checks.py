@@ -10,6 +10,8 @@ for "wrong model, layout, store or location", INVALID_ARGUMENT for inconsistent 
 from __future__ import annotations
 
 from pdgrpc.errors import FailedPrecondition, InvalidArgument
+from pdgrpc.kvstore.arena import ALIGN as ARENA_ALIGN
+from pdgrpc.kvstore.arena import is_arena_name
 from pdgrpc.kvstore.shm import SHM_NAME_RE
 from pdgrpc.nodes.prefill_service import validate_prompt_ids
 from pdgrpc.types import REQUEST_ID_RE, DecodeStart, KVDescriptor, ModelSpec
@@ -63,6 +65,9 @@ def check_descriptor(d: KVDescriptor, start: DecodeStart, spec: ModelSpec, store
         raise FailedPrecondition(f"descriptor {d.key!r}: location {d.location} is not readable by this node")
     if d.shm_name and not SHM_NAME_RE.match(d.shm_name):
         raise InvalidArgument(f"descriptor {d.key!r}: shared-memory name {d.shm_name!r} is not a pdgrpc segment")
+    if d.shm_offset and not (is_arena_name(d.shm_name) and d.shm_offset % ARENA_ALIGN == 0):
+        raise InvalidArgument(f"descriptor {d.key!r}: shm offset {d.shm_offset} needs a shm arena and a "
+                              f"multiple of {ARENA_ALIGN}")
     if d.group_index in seen or not 0 <= d.group_index < MAX_KV_GROUPS:
         raise InvalidArgument(f"descriptor {d.key!r}: group_index {d.group_index} repeated or out of range")
     seen.add(d.group_index)
