@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ARENA_BYTES = 256 << 20  # per writing client; 0 turns arenas off (one segment per put)
 _ARENA_RETRY_S = 30.0  # after the store refused an arena, use plain segments this long
+ARENA_MIN_BYTES = 4 << 10  # same host, from this size KV goes through the arena (a page per entry at least)
+_INLINE_COPY_BYTES = 1 << 20  # below this an arena put copies on the loop: a thread hop costs more
 SHM_MIN_BYTES = 256 << 10  # below this a segment costs more (create + adopt) than the HTTP body
 _BIG = 8 << 20  # above this, checksums and segment I/O run in a thread so the caller's loop stays live
 _SEND_CHUNK = 1 << 20  # request bodies above this are sent in pieces of this size
@@ -155,13 +157,15 @@ class KVStoreClient:
         except TypeError as exc:
             raise InvalidArgument(f"put {key!r}: data must be a contiguous bytes-like buffer ({exc})") from None
         size = view.nbytes
-        # Small payloads are faster over HTTP than through shared memory (a store call either way).
-        if size >= self.shm_min_bytes and await self.shm_enabled():
+        # Same host: an arena region costs one store call, like an HTTP PUT, and saves the reader's
+        # GET; a segment of its own (when the arena has no room) costs more than HTTP below shm_min_bytes.
+        if size >= min(self.shm_min_bytes, ARENA_MIN_BYTES) and await self.shm_enabled():
             put = await self._put_arena(key, view, owner=owner, lease_s=lease_s, location=location)
             if put is not None:
                 return put
-            crc = await _maybe_thread(shm.checksum, view, size=size)
-            return await self._put_shm(key, view, crc, owner=owner, lease_s=lease_s, location=location)
+            if size >= self.shm_min_bytes:
+                crc = await _maybe_thread(shm.checksum, view, size=size)
+                return await self._put_shm(key, view, crc, owner=owner, lease_s=lease_s, location=location)
         crc = await _maybe_thread(shm.checksum, view, size=size)
         params = {"owner": owner, "lease_s": repr(float(lease_s)), "location": location}
         headers = {"X-Checksum-Crc32": str(crc), "Content-Type": "application/octet-stream"}
@@ -185,6 +189,8 @@ class KVStoreClient:
             offset = arena.regions.alloc(view.nbytes)
             if offset is None:
                 return None
+        if view.nbytes < _INLINE_COPY_BYTES:
+            return await self._put_arena_small(arena, offset, key, view, owner, lease_s, location)
         # One thread does both: it sends the commit, copies while the store records it, then reads
         # the answer (nobody can ask for the key before this put returns, and by then both are done).
         # In a thread, not on the loop: the copy takes a while and the GIL is free during it.
@@ -204,6 +210,26 @@ class KVStoreClient:
             self._drop_arena(arena)
             return None
         except BaseException:
+            self._forget_arena_put(arena, offset, key)
+            raise
+        arena.regions.commit(offset)
+        arena.regions.freed(int(answer.get("version", 0)), [(int(o), int(n)) for o, n in answer.get("freed", [])])
+        return PutResult(key=answer["key"], size=int(answer["size"]), crc32=crc, location=answer["location"],
+                         lease_expiry_unix=float(answer["lease_expiry_unix"]), shm_name=arena.name, shm_offset=offset)
+
+    async def _put_arena_small(self, arena: _WriterArena, offset: int, key: str, view: memoryview, owner: str,
+                               lease_s: float, location: str) -> PutResult | None:
+        """A small put: copy on the loop (microseconds), then the commit, with its CRC."""
+        crc = arenas.copy_with_crc(arena.view[offset:offset + view.nbytes], view)
+        try:
+            answer = await self._request("POST", self._kv_url(key, "/shm"), json={
+                "shm_name": arena.name, "offset": offset, "size": view.nbytes, "crc32": crc, "owner": owner,
+                "lease_s": lease_s, "location": location})
+        except NotFound:  # the store lost the arena (restarted, or reaped it while we were idle)
+            arena.regions.abandon(offset)
+            self._drop_arena(arena)
+            return None
+        except BaseException:  # incl. a cancel while the commit was in flight
             self._forget_arena_put(arena, offset, key)
             raise
         arena.regions.commit(offset)
