@@ -188,6 +188,7 @@ def test_bench_serve_mock_writes_json_and_png(tmp_path, capsys):
     rows = report["comparison"]
     assert {r["setup"] for r in rows} == {"disagg"} and {r["rate_rps"] for r in rows} == {0, 4}
     assert "vllm" in report["peers"]  # installed or not, the peer is reported
+    assert "--engine vllm" in report["peers"]["vllm"] and report["peer_comparison"] == []  # skipped: mock engine
     raw = json.loads((out / "serve_requests.json").read_text())
     assert len(raw["disagg"]["4.0"]) == report["setups"]["disagg"]["runs"][1]["requests"]
     for png in ("serve_latency.png", "serve_goodput.png"):
@@ -276,3 +277,164 @@ def test_vllm_peer_servers_match_pdgrpc_settings_and_producer_never_chunks(tmp_p
                         "kv_connector_extra_config": {"shared_storage_path": "/dev/shm/kv"}}
     # ExampleConnector would store a chunked prompt's first chunk under the whole prompt's key
     assert "--no-enable-chunked-prefill" in producer and "--no-enable-chunked-prefill" not in consumer
+
+
+# ---- the OpenAI HTTP sender (vLLM's own serving as a bench serve setup; no vLLM needed) -----------
+
+async def _fake_openai(chunks_by_prompt: dict, gap_s: float = 0.05):
+    """A fake /v1/completions: the request whose prompt starts with key k gets chunks_by_prompt[k]
+    (bytes written with ``gap_s`` between them; an int: that HTTP status)."""
+    import asyncio
+
+    from aiohttp import web
+
+    bodies: list[dict] = []
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        bodies.append(body)
+        chunks = chunks_by_prompt[body["prompt"][0]]
+        if isinstance(chunks, int):
+            return web.json_response({"error": {"message": "bad"}}, status=chunks)
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+        for c in chunks:
+            await asyncio.sleep(gap_s)
+            await out.write(c)
+        await out.write_eof()
+        return out
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}", bodies
+
+
+def _sse(obj) -> bytes:
+    return b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n"
+
+
+@pytest.mark.fast
+async def test_openai_sender_times_tokens_like_the_grpc_sender():
+    from pdgrpc.bench.driver import OpenAISender, open_sender, run_open_loop
+    from pdgrpc.bench.workloads import BenchRequest
+
+    good = [_sse({"choices": [{"text": "a", "token_ids": [11], "prompt_token_ids": [1, 2, 3]}]}),
+            _sse({"choices": [{"text": "bc", "token_ids": [12, 13]}]}),  # two tokens in one chunk
+            _sse({"choices": [{"text": "", "token_ids": [], "finish_reason": "length"}]}),  # no token: no ITL
+            _sse({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 3}}), _sse(b"[DONE]")]
+    chunks = {1: good,
+              2: [good[0], _sse({"error": {"message": "EngineDeadError"}}), _sse(b"[DONE]")],
+              3: [good[0], good[1]],  # cut off before the usage chunk
+              4: 400}
+    runner, url, bodies = await _fake_openai(chunks)
+    try:
+        assert isinstance(open_sender(url, 5), OpenAISender)
+        reqs = [BenchRequest(i, 3, token_ids=(k, 2, 3)) for i, k in enumerate((1, 2, 3, 4))]
+        results, duration = await run_open_loop(url, reqs, [0.0, 0.0, 0.0, 0.0], timeout_s=5, drain_timeout_s=5)
+    finally:
+        await runner.cleanup()
+    ok, dead, cut, bad = results
+    assert ok.ok and ok.output_tokens == 3 and ok.prompt_tokens == 3, ok
+    assert len(ok.token_times_s) == 2 and ok.ttft_s == ok.token_times_s[0]
+    assert 0.04 < ok.ttft_s < ok.token_times_s[1] < ok.e2e_s < duration + 1e-6
+    assert ok.itls_s()[0] > 0.03 and ok.tpot_s == pytest.approx((ok.e2e_s - ok.ttft_s) / 2)
+    assert not dead.ok and dead.error.startswith("ServerError") and "EngineDeadError" in dead.error
+    assert not cut.ok and cut.error.startswith("NoFinal") and cut.output_tokens == 3
+    assert not bad.ok and bad.error.startswith("HTTP400")
+    body = bodies[0]
+    assert body["prompt"] == [1, 2, 3] and body["max_tokens"] == 3 and body["ignore_eos"] is True
+    assert body["stream"] is True and body["temperature"] == 0.0 and body["return_token_ids"] is True
+    assert body["stream_options"] == {"include_usage": True}
+    summary = summarize(results, offered_rate=1.0, slo_ttft_s=1.0, slo_tpot_s=1.0)
+    assert summary["completed"] == 1 and summary["errors"] == {"ServerError": 1, "NoFinal": 1, "HTTP400": 1}
+
+
+@pytest.mark.fast
+async def test_openai_sender_deadline():
+    from pdgrpc.bench.driver import OpenAISender
+    from pdgrpc.bench.workloads import BenchRequest
+
+    slow = [_sse({"choices": [{"text": "a", "token_ids": [11]}]})] * 3
+    runner, url, _ = await _fake_openai({1: slow}, gap_s=0.3)
+    sender = OpenAISender(url, 0.5)
+    try:
+        res = await sender.send(BenchRequest(0, 3, token_ids=(1,)), RequestResult(0), 0.0, 0.5)
+    finally:
+        await sender.close()
+        await runner.cleanup()
+    assert res.error.startswith("DeadlineExceeded") and res.ttft_s is not None and not res.ok
+
+
+@pytest.mark.fast
+def test_peer_comparison_rows(capsys):
+    from pdgrpc.bench.serve import compare, compare_peer, print_comparison
+
+    def run(rate, ttft, goodput):
+        pct = {"p50": ttft, "p99": ttft * 2, "p99.9": ttft * 2, "max": ttft * 3}
+        return {"offered_rate_rps": rate, "ttft_ms": pct, "itl_ms": pct, "tpot_ms": pct, "goodput_rps": goodput}
+
+    report = {"attainment_goal": 0.9, "setups": {
+        "disagg": {"mode": "disaggregated", "runs": [run(0, 100, 1.0)], "max_rate_at_attainment_rps": 0},
+        "colocated": {"mode": "colocated", "runs": [run(0, 200, 1.0)], "max_rate_at_attainment_rps": 0},
+        "vllm-native-disagg": {"mode": "peer", "runs": [run(0, 400, 0.5)], "max_rate_at_attainment_rps": 0}}}
+    raw = {"disagg": {"0": [{"index": 0, "ttft_s": 0.1}]}, "vllm-native-disagg": {"0": [{"index": 0, "ttft_s": 0.3}]}}
+    report["comparison"] = compare(report, raw)
+    report["peer_comparison"] = compare_peer(report, raw)
+    assert [(r["setup"], r["baseline"]) for r in report["comparison"]] == [("disagg", "colocated")]  # peer left out
+    (row,) = report["peer_comparison"]
+    assert (row["setup"], row["baseline"], row["ttft_p50_ratio"], row["goodput_ratio"]) == (
+        "disagg", "vllm-native-disagg", 0.25, 2.0)
+    assert row["ttft_paired_median_ratio"] == pytest.approx(1 / 3)
+    print_comparison(report)
+    out = capsys.readouterr().out
+    assert "disaggregated vs the better colocated" in out and "pdgrpc disaggregated vs vllm-native-disagg" in out
+
+
+@pytest.mark.fast
+async def test_vllm_peer_proxy_removes_a_prompts_kv_files_once_served(tmp_path):
+    import asyncio
+    import hashlib
+    import os
+
+    from aiohttp import web
+
+    from pdgrpc.bench.vllm_peer import kv_folder, make_proxy_app, time_request
+
+    prompt = list(range(3, 70))  # 67 tokens: ExampleConnector keys the first 64
+    folder = kv_folder(str(tmp_path), prompt)
+    assert folder == str(tmp_path / hashlib.md5(np.asarray(prompt[:64], dtype=np.int64).tobytes()).hexdigest())
+    assert kv_folder(str(tmp_path), "a text prompt") is None
+    seen: list[bool] = []
+
+    async def producer(request: web.Request) -> web.Response:
+        os.makedirs(folder)  # what ExampleConnector writes while the producer prefills
+        (tmp_path / folder / "layer.0.safetensors").write_bytes(b"kv")
+        return web.json_response({"choices": [{"text": "a"}]})
+
+    async def consumer(request: web.Request) -> web.Response:
+        seen.append(os.path.isdir(folder))  # still there while the consumer loads it
+        return web.Response(text='data: {"choices": [{"text": "a", "token_ids": [7]}]}\n\n'
+                                 'data: {"choices": [], "usage": {"prompt_tokens": 67, "completion_tokens": 1}}\n\n'
+                                 "data: [DONE]\n\n", content_type="text/event-stream")
+
+    runners = []
+    try:
+        for handler in (producer, consumer):
+            app = web.Application()
+            app.router.add_post("/v1/completions", handler)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            runners.append((runner, f"http://127.0.0.1:{runner.addresses[0][1]}"))
+        proxy = web.AppRunner(make_proxy_app(runners[0][1], runners[1][1], storage=str(tmp_path)))
+        await proxy.setup()
+        await web.TCPSite(proxy, "127.0.0.1", 0).start()
+        runners.append((proxy, f"http://127.0.0.1:{proxy.addresses[0][1]}"))
+        _, _, n = await asyncio.to_thread(time_request, runners[2][1], prompt, 1)
+    finally:
+        for runner, _ in runners:
+            await runner.cleanup()
+    assert n == 1 and seen == [True] and not os.path.exists(folder)

@@ -149,6 +149,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of ``pid`` and of every process below it alive now: a vLLM node's (or server's) model
+    runs in engine-core processes it spawned, which its own counters leave out."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += cpu_seconds(p)
+        todo += children(p)
+    return total
+
+
 @dataclass
 class Setup:
     """A running cluster: the ``pdgrpc up`` process and where its coordinator listens."""

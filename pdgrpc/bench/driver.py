@@ -1,4 +1,10 @@
-"""Send benchmark requests to a coordinator and time every token as the client sees it."""
+"""Send benchmark requests and time every token as the client sees it.
+
+Two senders fill the same RequestResult fields, so every setup is measured by the same code: a pdgrpc
+coordinator over gRPC (``GrpcSender``, the default) and an OpenAI-compatible ``/v1/completions``
+endpoint over HTTP (``OpenAISender``: vLLM's own disaggregated serving, pdgrpc.bench.vllm_peer).
+``open_sender`` picks one from the address (``http://...`` is HTTP).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from pdgrpc.bench.stats import RequestResult
 from pdgrpc.bench.workloads import BenchRequest
@@ -67,18 +74,116 @@ async def send_one(client: AsyncClient, req: BenchRequest, res: RequestResult, t
     return res
 
 
+class Sender(Protocol):
+    """Sends one request and fills its RequestResult (times relative to its own send); closed once."""
+
+    async def send(self, req: BenchRequest, res: RequestResult, t0: float, timeout_s: float) -> RequestResult: ...
+
+    async def close(self) -> None: ...
+
+
+class GrpcSender:
+    """A pdgrpc coordinator through pdgrpc's AsyncClient (``send_one``)."""
+
+    def __init__(self, address: str, timeout_s: float) -> None:
+        self.client = AsyncClient(address, timeout_s=timeout_s)
+
+    async def send(self, req: BenchRequest, res: RequestResult, t0: float, timeout_s: float) -> RequestResult:
+        return await send_one(self.client, req, res, t0, timeout_s)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+class OpenAISender:
+    """A streamed, greedy ``/v1/completions`` request per benchmark request, over one pooled aiohttp
+    session. Timed like ``send_one``: TTFT = first chunk carrying tokens, one token time per such
+    chunk (a chunk is vLLM's token message, as a GenerateDelta is pdgrpc's), e2e = the final usage
+    chunk (as GenerateFinal); tokens are counted from each chunk's ``token_ids``
+    (``return_token_ids``), the total from the usage chunk."""
+
+    def __init__(self, url: str, timeout_s: float) -> None:
+        import aiohttp
+
+        self.url = url.rstrip("/") + "/v1/completions"  # timeout_s: unused, each send() has its own deadline
+        # no connection limit: an open loop may have every request in flight at once
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                             timeout=aiohttp.ClientTimeout(total=None))
+
+    async def send(self, req: BenchRequest, res: RequestResult, t0: float, timeout_s: float) -> RequestResult:
+        from pdgrpc.bench.vllm_peer import DONE, completion_body, sse_event
+
+        start = time.perf_counter()
+        res.sent_s = start - t0
+        if req.messages is not None:
+            res.error = "Unsupported: chat messages (the OpenAI peer takes token-id or text prompts)"
+            return res
+        prompt = list(req.token_ids) if req.token_ids is not None else (req.text or "")
+        try:
+            async with asyncio.timeout(timeout_s), self.session.post(
+                    self.url, json=completion_body(prompt, req.max_tokens)) as r:
+                if r.status != 200:
+                    res.error = f"HTTP{r.status}: {(await r.text())[:300]}"
+                    return res
+                async for line in r.content:  # one SSE line at a time, as it arrives
+                    now = time.perf_counter() - start
+                    ev = sse_event(line)
+                    if ev is None or ev is DONE:
+                        continue
+                    if "error" in ev:  # vLLM reports errors met after the first byte in the stream
+                        err = ev["error"]
+                        res.error = f"ServerError: {err.get('message', err) if isinstance(err, dict) else err}"
+                        continue
+                    for choice in ev.get("choices") or ():
+                        n = len(choice["token_ids"]) if choice.get("token_ids") is not None else int(
+                            bool(choice.get("text")))  # a server without return_token_ids: one per chunk
+                        if n:
+                            if res.ttft_s is None:
+                                res.ttft_s = now
+                            res.token_times_s.append(now)
+                            res.output_tokens += n
+                    if ev.get("usage"):
+                        res.prompt_tokens = int(ev["usage"].get("prompt_tokens") or 0)
+                        res.output_tokens = int(ev["usage"].get("completion_tokens") or res.output_tokens)
+                        res.e2e_s = now
+            if res.e2e_s is None and not res.error:
+                res.error = "NoFinal: stream ended without a usage chunk"
+        except TimeoutError:
+            res.error = f"DeadlineExceeded: no answer within {timeout_s:g} s"
+        except asyncio.CancelledError:
+            res.error = "Cancelled: benchmark stopped waiting"
+            raise
+        except Exception as exc:  # a benchmark reports failures; it does not stop at the first one
+            res.error = f"{type(exc).__name__}: {exc}"
+        return res
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+def open_sender(address: str, timeout_s: float) -> Sender:
+    """``http(s)://host:port``: an OpenAI-compatible server; anything else: a pdgrpc coordinator.
+    Call it inside the event loop that will use it."""
+    if address.startswith(("http://", "https://")):
+        return OpenAISender(address, timeout_s)
+    return GrpcSender(address, timeout_s)
+
+
 async def run_open_loop(address: str, requests: list[BenchRequest], arrivals: list[float], *,
                         timeout_s: float = 300.0, drain_timeout_s: float = 300.0,
-                        on_done: Callable[[RequestResult], None] | None = None) -> tuple[list[RequestResult], float]:
+                        on_done: Callable[[RequestResult], None] | None = None,
+                        sender: Sender | None = None) -> tuple[list[RequestResult], float]:
     """Send request i at ``arrivals[i]`` seconds after the start, whatever is still running (open
-    loop); return every result and the run's duration (first send to last answer)."""
+    loop); return every result and the run's duration (first send to last answer). ``sender``
+    (closed here) defaults to ``open_sender(address)``."""
     results = [RequestResult(r.index, r.kind, float(a)) for r, a in zip(requests, arrivals)]
-    async with AsyncClient(address, timeout_s=timeout_s) as client:
+    client = sender if sender is not None else open_sender(address, timeout_s)
+    try:
         tasks: list[asyncio.Task] = []
         t0 = time.perf_counter()
 
         async def one(i: int) -> None:
-            await send_one(client, requests[i], results[i], t0, timeout_s)
+            await client.send(requests[i], results[i], t0, timeout_s)
             if on_done is not None:
                 on_done(results[i])
 
@@ -94,6 +199,8 @@ async def run_open_loop(address: str, requests: list[BenchRequest], arrivals: li
             with contextlib.suppress(BaseException):
                 await t
         end = time.perf_counter()
+    finally:
+        await client.close()
     ends = [r.sent_s + r.e2e_s for r in results if r.ok]
     duration = max(ends) if ends and not pending else end - t0
     return results, duration

@@ -7,7 +7,14 @@ request rate sends the same seeded requests at the same Poisson arrival times to
 means one request at a time, each setup in turn for every request (the low-load TTFT comparison).
 Writes ``<out>/serve.json``, ``<out>/serve_requests.json`` and the PNG plots.
 
+With ``--engine vllm --peer vllm``, vLLM's own disaggregated serving (pdgrpc.bench.vllm_peer: two
+vLLM OpenAI servers with ExampleConnector, pinned like the ``disagg`` setup, and a proxy) runs as one
+more setup, ``vllm-native-disagg``, driven over HTTP but measured like the others: same requests,
+arrival times and interleaving, same statistics; a second table compares pdgrpc's disaggregated
+setups with it.
+
     pdgrpc bench serve --engine torch --workload mixed --rates 0.3 0.6 --duration-s 40
+    pdgrpc bench serve --engine vllm --workload fixed:130,514 --max-output 32 --rates 0 0.5 --peer vllm
 """
 
 from __future__ import annotations
@@ -22,22 +29,31 @@ import sys
 import time
 
 from pdgrpc.bench import cluster as cl
-from pdgrpc.bench.driver import progress_bar, run_open_loop, send_one
+from pdgrpc.bench.driver import open_sender, progress_bar, run_open_loop
 from pdgrpc.bench.stats import RequestResult, by_kind, max_rate_at_attainment, result_dict, summarize
+from pdgrpc.bench.vllm_peer import PEER_NAME, VllmNativeDisagg
 from pdgrpc.bench.workloads import WORKLOADS, WorkloadSpec, poisson_arrivals
-from pdgrpc.client import AsyncClient
+
+AnySetup = cl.Setup | VllmNativeDisagg  # both: name, address, pids(), stop()
 
 VLLM_NOTE = ("vLLM peer skipped: the 'vllm' package is not installed here (pip install -e '.[vllm]'; see "
              "/work/shared/engine-notes.md for how it runs on CPU).")
-# `bench serve` runs every setup at once through pdgrpc's gRPC client; vLLM's own disaggregated serving
-# (two OpenAI servers, ExampleConnector, proxy: pdgrpc.bench.vllm_peer) is driven over HTTP, one setup
-# at a time, by tools/bench_vllm.py, beside pdgrpc's vLLM setups with the same pinning.
-VLLM_PEER_NOTE = ("vLLM peer skipped: `bench serve` does not launch it; run `python tools/bench_vllm.py` to "
-                  "compare pdgrpc with vLLM's own disaggregated serving on the same cores (vllm-native-disagg)")
+# The peer is vLLM's engine: against pdgrpc on another engine the comparison would measure the engines
+VLLM_ENGINE_NOTE = ("vLLM peer skipped: it runs only with --engine vllm (vLLM's own disaggregated serving "
+                    "against pdgrpc on the same engine); this run uses --engine {engine}")
+VLLM_PEER_NOTE = (f"vLLM peer: setup {PEER_NAME}, vLLM's own disaggregated serving (two vLLM OpenAI servers with "
+                  "ExampleConnector, producer pinned like disagg's prefill node, consumer like its decode node, "
+                  "and a proxy), driven over HTTP /v1/completions with the same requests and arrival times")
+# vLLM's worker busy-polls for ~1 s after each step (engine notes): at rate 0 the next setup's request
+# must not start while the previous setup's engines still spin on the same cores
+VLLM_GAP_S = 1.5
+# Every setup runs at once: with --engine vllm each node (and each peer server) is a vLLM engine of
+# ~3.4 GiB (SmolLM2 fp32, 1 GiB KV cache; 5 engines peaked at 17.4 GiB used on the 24 GiB test machine)
+VLLM_ENGINE_GIB = 3.5
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--engine", default="torch", help="torch (SmolLM2) or mock")
+    p.add_argument("--engine", default="torch", help="torch (SmolLM2), vllm or mock")
     p.add_argument("--model", default="", help="model folder (engine default when empty)")
     p.add_argument("--dtype", default="", help="engine dtype (default float32)")
     p.add_argument("--mock-prefill-cost-per-token-s", type=float, default=0.0)
@@ -61,12 +77,14 @@ def add_arguments(p) -> None:
     p.add_argument("--vocab", type=int, default=49152, help="synthetic token ids are drawn below this")
     p.add_argument("--warmup", type=int, default=2, help="requests per setup before measuring")
     p.add_argument("--cooldown-s", type=float, default=2.0, help="idle time between runs")
-    p.add_argument("--gap-s", type=float, default=0.3, help="idle time before each request at rate 0")
+    p.add_argument("--gap-s", type=float, default=None,
+                   help=f"idle time before each request at rate 0 (default 0.3 s, {VLLM_GAP_S:g} s with vllm)")
     p.add_argument("--request-timeout-s", type=float, default=300.0)
     p.add_argument("--drain-timeout-s", type=float, default=180.0, help="wait at most this after the last arrival")
     p.add_argument("--start-timeout-s", type=float, default=600.0)
     p.add_argument("--peer", choices=["vllm"], action="append", default=[],
-                   help="also drive another system on the same cores (vllm: its own disaggregated serving)")
+                   help=f"also drive another system on the same cores (vllm: vLLM's own disaggregated serving, "
+                        f"setup {PEER_NAME}; needs --engine vllm)")
     p.add_argument("--out", default="bench-results/serve", help="output folder")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -90,31 +108,62 @@ def _n_requests(rate: float, args) -> int:
     return max(args.min_requests, min(args.max_requests, round(rate * args.duration_s)))
 
 
+def _cpu(s: AnySetup) -> dict[str, float]:
+    """CPU seconds per process of a setup, each with the processes below it (vLLM's engine core runs
+    in a child of the node or server: without it a vLLM setup would seem to cost next to nothing)."""
+    return {role: cl.tree_cpu_seconds(pid) for role, pid in s.pids().items()}
+
+
+def _idle_busy_cores(seconds: float) -> float:
+    """Cores busy on the whole machine over ``seconds`` (from /proc/stat): with every setup started
+    and idle, near 0 unless an idle engine spins (or other work runs on the machine)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # all ticks, idle + iowait ticks
+
+    (t0, i0) = sample()
+    time.sleep(seconds)
+    (t1, i1) = sample()
+    return round(len(os.sched_getaffinity(0)) * (1 - (i1 - i0) / max(t1 - t0, 1)), 2)
+
+
+def _mem_available_gib() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / (1 << 20)
+    except (OSError, StopIteration):
+        return float("inf")
+
+
 def _cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     return {k: round(after[k] - before.get(k, 0.0), 3) for k in sorted(after)}
 
 
-async def _warm(setups: list[cl.Setup], wl: WorkloadSpec, n: int, timeout_s: float) -> None:
+async def _warm(setups: list[AnySetup], wl: WorkloadSpec, n: int, timeout_s: float) -> None:
     reqs = wl.requests(max(n, 1), seed=10_000)
     for s in setups:
-        async with AsyncClient(s.address, timeout_s=timeout_s) as c:
+        c = open_sender(s.address, timeout_s)
+        try:
             for r in reqs[:n]:
-                res = await send_one(c, r, RequestResult(r.index), time.perf_counter(), timeout_s)
+                res = await c.send(r, RequestResult(r.index), time.perf_counter(), timeout_s)
                 if res.error:
                     raise RuntimeError(f"warm-up on {s.name} failed: {res.error}")
+        finally:
+            await c.close()
 
 
-async def _sequential(setups: list[cl.Setup], reqs, args, bar) -> dict[str, tuple[list[RequestResult], float]]:
+async def _sequential(setups: list[AnySetup], reqs, args, bar) -> dict[str, tuple[list[RequestResult], float]]:
     """Rate 0: each request to every setup in turn (order alternating), idle gap before each."""
     out: dict[str, list[RequestResult]] = {s.name: [] for s in setups}
-    clients = {s.name: AsyncClient(s.address, timeout_s=args.request_timeout_s) for s in setups}
+    clients = {s.name: open_sender(s.address, args.request_timeout_s) for s in setups}
     busy = {s.name: 0.0 for s in setups}
     try:
         for i, r in enumerate(reqs):
             for s in (setups if i % 2 == 0 else setups[::-1]):
                 await asyncio.sleep(args.gap_s)
-                res = await send_one(clients[s.name], r, RequestResult(r.index, r.kind), time.perf_counter(),
-                                     args.request_timeout_s)
+                res = await clients[s.name].send(r, RequestResult(r.index, r.kind), time.perf_counter(),
+                                                 args.request_timeout_s)
                 out[s.name].append(res)
                 busy[s.name] += res.e2e_s or 0.0
                 bar.update(1)
@@ -124,35 +173,38 @@ async def _sequential(setups: list[cl.Setup], reqs, args, bar) -> dict[str, tupl
     return {name: (res, busy[name]) for name, res in out.items()}
 
 
-async def _sweep(setups: list[cl.Setup], wl: WorkloadSpec, args, slo_ttft_s: float, slo_tpot_s: float,
+async def _sweep(setups: list[AnySetup], wl: WorkloadSpec, args, slo_ttft_s: float, slo_tpot_s: float,
                  report: dict, raw: dict) -> None:
     await _warm(setups, wl, args.warmup, args.request_timeout_s)
     for k, rate in enumerate(args.rates):
         n = _n_requests(rate, args)
         reqs = wl.requests(n, seed=args.seed)
         kw = {"offered_rate": rate, "slo_ttft_s": slo_ttft_s, "slo_tpot_s": slo_tpot_s}
+        for s in setups:  # every rate resends the same prompts: none may find KV kept from before
+            if isinstance(s, VllmNativeDisagg):
+                s.clear_kv()
         if rate <= 0:
             bar = progress_bar(n * len(setups), "one at a time", not args.no_progress)
-            before = {s.name: s.cpu_by_process() for s in setups}
+            before = {s.name: _cpu(s) for s in setups}
             seq = await _sequential(setups, reqs, args, bar)
             bar.close()
             for s in setups:
                 results, busy = seq[s.name]
-                _record(report, raw, s, rate, results, kw, busy, _cpu_delta(before[s.name], s.cpu_by_process()))
+                _record(report, raw, s, rate, results, kw, busy, _cpu_delta(before[s.name], _cpu(s)))
             continue
         arrivals = poisson_arrivals(rate, n, args.seed + k)
         for s in (setups if k % 2 == 0 else setups[::-1]):
             await asyncio.sleep(args.cooldown_s)
             bar = progress_bar(n, f"{s.name} @ {rate:g} req/s", not args.no_progress)
-            before = s.cpu_by_process()
+            before = _cpu(s)
             results, duration = await run_open_loop(
                 s.address, reqs, list(arrivals), timeout_s=args.request_timeout_s,
                 drain_timeout_s=float(arrivals[-1]) + args.drain_timeout_s, on_done=lambda _r, bar=bar: bar.update(1))
             bar.close()
-            _record(report, raw, s, rate, results, kw, duration, _cpu_delta(before, s.cpu_by_process()))
+            _record(report, raw, s, rate, results, kw, duration, _cpu_delta(before, _cpu(s)))
 
 
-def _record(report, raw, s: cl.Setup, rate, results, kw, duration, cpu) -> None:
+def _record(report, raw, s: AnySetup, rate, results, kw, duration, cpu) -> None:
     summary = summarize(results, duration_s=duration, **kw)
     summary["by_kind"] = by_kind(results, duration_s=duration, **kw)
     summary["cpu_seconds"] = cpu
@@ -186,39 +238,52 @@ def _paired_ttft_ratio(raw: dict, a: str, b: str, rate: str) -> float | None:
     return statistics.median(ratios) if ratios else None
 
 
+def _ratio_row(raw: dict, rate: float, name: str, r: dict, base: str, b: dict) -> dict:
+    """Setup ``name``'s run ``r`` against ``base``'s run ``b`` at one rate: ratios < 1 mean ``name`` lower."""
+
+    def rat(metric, q):
+        x, y = r[metric][q], b[metric][q]
+        return None if x is None or not y else round(x / y, 3)
+
+    return {
+        "rate_rps": rate, "setup": name, "baseline": base,
+        "ttft_p50_ratio": rat("ttft_ms", "p50"), "ttft_p99_ratio": rat("ttft_ms", "p99"),
+        "ttft_paired_median_ratio": _paired_ttft_ratio(raw, name, base, str(rate)),
+        "itl_p99_ratio": rat("itl_ms", "p99"), "itl_p99.9_ratio": rat("itl_ms", "p99.9"),
+        "itl_max_ratio": rat("itl_ms", "max"), "tpot_p99_ratio": rat("tpot_ms", "p99"),
+        "goodput_ratio": round(r["goodput_rps"] / b["goodput_rps"], 3) if b["goodput_rps"] else None,
+        "goodput_rps": round(r["goodput_rps"], 4), "baseline_goodput_rps": round(b["goodput_rps"], 4),
+    }
+
+
+def _runs_by_rate(setups: dict) -> list[tuple[float, dict[str, dict | None]]]:
+    rates = sorted({r["offered_rate_rps"] for s in setups.values() for r in s["runs"]})
+    return [(rate, {n: next((r for r in s["runs"] if r["offered_rate_rps"] == rate), None)
+                    for n, s in setups.items()}) for rate in rates]
+
+
 def compare(report: dict, raw: dict) -> list[dict]:
     """Each disaggregated setup against the better colocated one at every rate (lower TTFT p50)."""
     setups = report["setups"]
     colo = [n for n, s in setups.items() if s["mode"] == "colocated"]
     disagg = [n for n, s in setups.items() if s["mode"] == "disaggregated"]
     rows = []
-    rates = sorted({r["offered_rate_rps"] for s in setups.values() for r in s["runs"]})
-    for rate in rates:
-        runs = {n: next((r for r in s["runs"] if r["offered_rate_rps"] == rate), None) for n, s in setups.items()}
+    for rate, runs in _runs_by_rate(setups):
         cands = [n for n in colo if runs[n] and runs[n]["ttft_ms"]["p50"] is not None]
         if not cands:
             continue
         base = min(cands, key=lambda n: runs[n]["ttft_ms"]["p50"])
-        b = runs[base]
-        for d in disagg:
-            r = runs[d]
-            if not r:
-                continue
-
-            def rat(metric, q, r=r, b=b):
-                x, y = r[metric][q], b[metric][q]
-                return None if x is None or not y else round(x / y, 3)
-
-            rows.append({
-                "rate_rps": rate, "setup": d, "baseline": base,
-                "ttft_p50_ratio": rat("ttft_ms", "p50"), "ttft_p99_ratio": rat("ttft_ms", "p99"),
-                "ttft_paired_median_ratio": _paired_ttft_ratio(raw, d, base, str(rate)),
-                "itl_p99_ratio": rat("itl_ms", "p99"), "itl_p99.9_ratio": rat("itl_ms", "p99.9"),
-                "itl_max_ratio": rat("itl_ms", "max"), "tpot_p99_ratio": rat("tpot_ms", "p99"),
-                "goodput_ratio": round(r["goodput_rps"] / b["goodput_rps"], 3) if b["goodput_rps"] else None,
-                "goodput_rps": round(r["goodput_rps"], 4), "baseline_goodput_rps": round(b["goodput_rps"], 4),
-            })
+        rows += [_ratio_row(raw, rate, d, runs[d], base, runs[base]) for d in disagg if runs[d]]
     return rows
+
+
+def compare_peer(report: dict, raw: dict) -> list[dict]:
+    """Each pdgrpc disaggregated setup against each peer (vllm-native-disagg) at every rate."""
+    setups = report["setups"]
+    peers = [n for n, s in setups.items() if s["mode"] == "peer"]
+    disagg = [n for n, s in setups.items() if s["mode"] == "disaggregated"]
+    return [_ratio_row(raw, rate, d, runs[d], p, runs[p]) for rate, runs in _runs_by_rate(setups)
+            for p in peers if runs[p] for d in disagg if runs[d]]
 
 
 def main(args) -> int:
@@ -238,9 +303,20 @@ def main(args) -> int:
     if unknown or not names:
         print(f"pdgrpc bench serve: unknown setups {unknown}; choose from {sorted(known)}", file=sys.stderr)
         return 2
+    if args.gap_s is None:
+        args.gap_s = VLLM_GAP_S if args.engine == "vllm" else 0.3
     peers: dict[str, str] = {}
+    peer: VllmNativeDisagg | None = None
     if "vllm" in args.peer:
-        peers["vllm"] = VLLM_NOTE if importlib.util.find_spec("vllm") is None else VLLM_PEER_NOTE
+        if args.engine != "vllm":
+            peers["vllm"] = VLLM_ENGINE_NOTE.format(engine=args.engine)
+        elif importlib.util.find_spec("vllm") is None:
+            peers["vllm"] = VLLM_NOTE
+        else:
+            peers["vllm"] = VLLM_PEER_NOTE
+            half = max(len(cores) // 2, 1)  # the pinning of the disagg setup (cluster.standard_setups)
+            peer = VllmNativeDisagg(cores[:half], cores[half:] or cores, model=args.model,
+                                    dtype=args.dtype or "float32", start_timeout_s=args.start_timeout_s)
         print(peers["vllm"], file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
     engine = _engine(args)
@@ -257,19 +333,50 @@ def main(args) -> int:
     for s in specs:
         report["setups"][s.name] = {"description": s.description, "mode": s.mode,
                                     "config": s.config_text(0, engine).split("\n", 1)[1], "runs": []}
+    if args.engine == "vllm":
+        engines = sum(len(s.nodes) for s in specs) + (2 if peer else 0)
+        need, avail = engines * VLLM_ENGINE_GIB, _mem_available_gib()
+        if need > avail:
+            print(f"warning: {engines} vLLM engines (~{need:.0f} GiB) start at once with {avail:.1f} GiB available; "
+                  "if they do not fit, run fewer setups per invocation (--setups)", file=sys.stderr)
     raw: dict = {}
-    print(f"starting {len(specs)} clusters ({', '.join(names)}) with engine {args.engine} ...", flush=True)
-    setups = cl.start_setups(specs, engine, args.start_timeout_s)
+    print(f"starting {len(specs)} clusters ({', '.join(names)}) with engine {args.engine}"
+          f"{f' and {PEER_NAME}' if peer else ''} ...", flush=True)
+    setups: list[AnySetup] = []
+    try:
+        if peer is not None:  # launched first, waited for last: its two engines start beside the clusters
+            peer.start(wait=False)
+        setups += cl.start_setups(specs, engine, args.start_timeout_s)
+        if peer is not None:
+            setups.append(peer.wait(args.start_timeout_s))
+            report["setups"][peer.name] = {"description": peer.description, "mode": peer.mode,
+                                           "config": peer.config_text(), "runs": []}
+    except BaseException:
+        for s in setups:
+            s.stop()
+        if peer is not None:
+            peer.stop()
+        raise
+    # idle setups should cost nothing (vLLM's workers stop polling ~1 s after their last step)
+    report["idle_busy_cores"] = _idle_busy_cores(3.0)
     try:
         asyncio.run(_sweep(setups, wl, args, slo_ttft_ms / 1000, slo_tpot_ms / 1000, report, raw))
     except KeyboardInterrupt:
         print("interrupted: writing what was measured", file=sys.stderr)
+    except Exception:
+        if peer is not None:
+            peer.print_logs()  # the logs go with the peer's temporary folder: show them first
+        raise
     finally:
+        if peer is not None and peer.name in report["setups"]:
+            # the consumer logs each prompt it loaded from the producer's files: 0 would mean recompute
+            report["setups"][peer.name]["kv_loads"] = peer.kv_loads()
         for s in setups:
             s.stop()
     for s in report["setups"].values():
         s["max_rate_at_attainment_rps"] = max_rate_at_attainment(s["runs"], args.attainment_goal)
     report["comparison"] = compare(report, raw)
+    report["peer_comparison"] = compare_peer(report, raw)
     report["finished_unix"] = time.time()
     path = os.path.join(args.out, "serve.json")
     with open(path, "w") as f:
@@ -291,16 +398,26 @@ def print_comparison(report: dict) -> None:
     if not rows:
         return
     print("\ndisaggregated vs the better colocated setup at each rate (ratio < 1: disaggregated lower)")
-    print(f"{'rate':>11} {'setup':>14} {'baseline':>16} | TTFT p50 | paired TTFT | ITL p99 | ITL p99.9 | "
+    _print_rows(rows)
+    peer_rows = report.get("peer_comparison", [])
+    if peer_rows:
+        print(f"\npdgrpc disaggregated vs {', '.join(sorted({r['baseline'] for r in peer_rows}))} at each rate "
+              "(ratio < 1: pdgrpc lower)")
+        _print_rows(peer_rows)
+    for name, s in report["setups"].items():
+        print(f"{name}: DistServe goodput (highest rate with >= {100 * report['attainment_goal']:.0f}% in SLO) "
+              f"{s['max_rate_at_attainment_rps']:g} req/s")
+
+
+def _print_rows(rows: list[dict]) -> None:
+    w = max(16, *(len(r["baseline"]) for r in rows))
+    print(f"{'rate':>11} {'setup':>14} {'baseline':>{w}} | TTFT p50 | paired TTFT | ITL p99 | ITL p99.9 | "
           "TPOT p99 | goodput")
     for r in rows:
         rate = "1-at-a-time" if r["rate_rps"] <= 0 else f"{r['rate_rps']:g}/s"
-        print(f"{rate:>11} {r['setup']:>14} {r['baseline']:>16} | {_fmt(r['ttft_p50_ratio'], 3):>8} | "
+        print(f"{rate:>11} {r['setup']:>14} {r['baseline']:>{w}} | {_fmt(r['ttft_p50_ratio'], 3):>8} | "
               f"{_fmt(r['ttft_paired_median_ratio'], 3):>11} | {_fmt(r['itl_p99_ratio'], 3):>7} | "
               f"{_fmt(r['itl_p99.9_ratio'], 3):>9} | "
               f"{_fmt(r['tpot_p99_ratio'], 3):>8} | "
               f"{'inf' if r['goodput_ratio'] is None and r['goodput_rps'] else _fmt(r['goodput_ratio'], 2)}x "
               f"({r['goodput_rps']:.3f} vs {r['baseline_goodput_rps']:.3f}/s)")
-    for name, s in report["setups"].items():
-        print(f"{name}: DistServe goodput (highest rate with >= {100 * report['attainment_goal']:.0f}% in SLO) "
-              f"{s['max_rate_at_attainment_rps']:g} req/s")

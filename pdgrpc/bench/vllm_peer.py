@@ -9,7 +9,8 @@ The setup is the one of vLLM's disaggregated prefill example, with its debugging
             from them instead of recomputed (all but its last partial block)
   proxy     for each ``/v1/completions`` request: the prompt to the producer with ``max_tokens=1``
             (read to the end, so the files are written), then the real request to the consumer,
-            whose answer is streamed back as is
+            whose answer is streamed back as is; then the prompt's files are removed (see
+            ``make_proxy_app``: left there, they would serve the next request with the same prompt)
 
 The producer runs with chunked prefill off. ExampleConnector saves a prompt's KV only in the step
 that first schedules the request, from that step's blocks; when several prompts in flight exceed the
@@ -30,16 +31,22 @@ files never touch a disk; it is removed on stop.
 The proxy runs as its own process (``python -m pdgrpc.bench.vllm_peer --port P --prefill URL
 --decode URL``), like pdgrpc's coordinator, unpinned like it, and keeps its upstream connections
 open (vLLM's example opens new ones per request). ``time_request`` times one streamed request
-through it, at the client. tools/bench_vllm.py runs this peer beside pdgrpc's vLLM setups.
+through it, at the client. tools/bench_vllm.py runs this peer beside pdgrpc's vLLM setups, and
+``pdgrpc bench serve --engine vllm --peer vllm`` as one of its setups (``VllmNativeDisagg`` is
+setup-like; pdgrpc.bench.driver.OpenAISender sends its requests).
 """
 
 from __future__ import annotations
 
 import argparse
+import array
+import asyncio
 import contextlib
+import hashlib
 import http.client
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -51,8 +58,9 @@ import urllib.request
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from pdgrpc.bench.cluster import free_port
+from pdgrpc.bench.cluster import free_port, tree_cpu_seconds
 
+PEER_NAME = "vllm-native-disagg"  # its setup name in the benchmarks' reports
 SERVED_NAME = "smollm2"
 BLOCK_SIZE = 32          # as pdgrpc.engine.vllm_engine (CPU attention wants a multiple of 32)
 MAX_MODEL_LEN = 2048     # as pdgrpc.engine.vllm_engine
@@ -69,12 +77,26 @@ def prefill_body(body: dict) -> dict:
     return out
 
 
-def make_proxy_app(prefill_url: str, decode_url: str, timeout_s: float = 600.0):
-    """An aiohttp app: POST /v1/completions through producer then consumer; GET /health."""
+def kv_folder(storage: str, prompt: object, block_size: int = BLOCK_SIZE) -> str | None:
+    """Where ExampleConnector keeps a token-id prompt's KV (vLLM 0.32 example_connector.py: md5 of the
+    int64 bytes of the first ``(len - 2) // block_size * block_size`` tokens); None for a text prompt."""
+    if not isinstance(prompt, list) or not all(isinstance(t, int) for t in prompt):
+        return None
+    n = (len(prompt) - 2) // block_size * block_size  # a negative n slices like vLLM's tensor does
+    return os.path.join(storage, hashlib.md5(array.array("q", prompt[:n]).tobytes(), usedforsecurity=False).hexdigest())
+
+
+def make_proxy_app(prefill_url: str, decode_url: str, timeout_s: float = 600.0, storage: str = ""):
+    """An aiohttp app: POST /v1/completions through producer then consumer; GET /health. With
+    ``storage`` (the connector's folder), a token-id prompt's KV files are removed once no request
+    in flight has that prompt: each request hands its KV over once, as with a transfer connector
+    (left there, the files are a cache for the next request with the same prompt, on both servers,
+    and /dev/shm fills up: 47 MB per 1,024-token prompt)."""
     import aiohttp
     from aiohttp import web
 
     session_key = web.AppKey("session", aiohttp.ClientSession)
+    in_flight: dict[str, int] = {}  # KV folder -> requests using it
 
     async def session_ctx(app: web.Application):
         # one pooled session for all requests: no connection set-up on the measured path
@@ -85,6 +107,19 @@ def make_proxy_app(prefill_url: str, decode_url: str, timeout_s: float = 600.0):
 
     async def completions(request: web.Request) -> web.StreamResponse:
         body = await request.json()
+        folder = kv_folder(storage, body.get("prompt")) if storage else None
+        if folder is None:
+            return await forward(request, body)
+        in_flight[folder] = in_flight.get(folder, 0) + 1
+        try:
+            return await forward(request, body)
+        finally:
+            in_flight[folder] -= 1
+            if not in_flight[folder]:  # the consumer loaded the KV before its first token: done with it
+                del in_flight[folder]
+                await asyncio.to_thread(shutil.rmtree, folder, True)
+
+    async def forward(request: web.Request, body: dict) -> web.StreamResponse:
         session = request.app[session_key]
         async with session.post(f"{prefill_url}/v1/completions", json=prefill_body(body)) as r:
             data = await r.read()  # the KV files are written once the producer has answered
@@ -121,9 +156,10 @@ def proxy_main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--prefill", required=True, help="producer base URL, e.g. http://127.0.0.1:8100")
     p.add_argument("--decode", required=True, help="consumer base URL")
+    p.add_argument("--storage", default="", help="the connector's folder: remove a prompt's KV once served")
     a = p.parse_args(argv)
-    web.run_app(make_proxy_app(a.prefill.rstrip("/"), a.decode.rstrip("/")), host="127.0.0.1", port=a.port,
-                print=None, access_log=None)
+    web.run_app(make_proxy_app(a.prefill.rstrip("/"), a.decode.rstrip("/"), storage=a.storage), host="127.0.0.1",
+                port=a.port, print=None, access_log=None)
     return 0
 
 
@@ -166,6 +202,7 @@ class _Proc:
     proc: subprocess.Popen
     log_path: str
     url: str
+    cmd: list[str]
 
     def tail(self, n: int = 30) -> str:
         with contextlib.suppress(OSError), open(self.log_path, errors="replace") as f:
@@ -175,16 +212,54 @@ class _Proc:
 
 
 class VllmNativeDisagg:
-    """Producer on ``prefill_cores``, consumer on ``decode_cores``, proxy in front; ``url`` is the proxy."""
+    """Producer on ``prefill_cores``, consumer on ``decode_cores``, proxy in front; ``url`` is the proxy.
+
+    Also a setup of `pdgrpc bench serve` (like pdgrpc.bench.cluster.Setup: ``name``, ``address``,
+    ``start``/``wait``/``stop``, ``cpu_by_process``); its ``address`` is an http:// URL, which
+    pdgrpc.bench.driver.open_sender drives through OpenAI ``/v1/completions``."""
+
+    name = PEER_NAME
+    mode = "peer"  # neither of pdgrpc's modes: bench serve compares it with pdgrpc's disaggregated setups
 
     def __init__(self, prefill_cores: list[int], decode_cores: list[int], model: str = "", dtype: str = "float32",
                  start_timeout_s: float = 600.0) -> None:
         self.prefill_cores, self.decode_cores = list(prefill_cores), list(decode_cores)
-        self.model, self.dtype, self.start_timeout_s = model, dtype, start_timeout_s
+        self.model, self.dtype, self.start_timeout_s = model, dtype or "float32", start_timeout_s
         self.procs: list[_Proc] = []
         self.tmp = ""
         self.url = ""
         self.start_s = 0.0
+        self._t0 = 0.0
+
+    @property
+    def address(self) -> str:
+        return self.url
+
+    @property
+    def description(self) -> str:
+        return (f"vLLM's own disaggregated serving: producer server on cores {self.prefill_cores}, consumer on "
+                f"cores {self.decode_cores}, {CONNECTOR} on tmpfs, proxy (unpinned)")
+
+    def config_text(self) -> str:
+        """The servers' and the proxy's command lines as launched (empty before ``start``)."""
+        return "".join(f"{' '.join(shlex.quote(a) for a in p.cmd)}\n" for p in self.procs)
+
+    def pids(self) -> dict[str, int]:
+        """producer / consumer / proxy -> pid (vLLM's engine processes are their children)."""
+        return {p.name: p.proc.pid for p in self.procs}
+
+    def cpu_by_process(self) -> dict[str, float]:
+        """CPU seconds of each server (its engine processes included) and of the proxy."""
+        return {name: tree_cpu_seconds(pid) for name, pid in self.pids().items()}
+
+    def clear_kv(self) -> None:
+        """Remove every prompt's KV files. ExampleConnector's files outlive their request, and both
+        servers load a prompt found there instead of computing it: a prompt sent again (bench serve
+        sends the same requests at every rate) would be a cache hit pdgrpc's setups never get."""
+        storage = os.path.join(self.tmp, "kv") if self.tmp else ""
+        if os.path.isdir(storage):
+            for name in os.listdir(storage):
+                shutil.rmtree(os.path.join(storage, name), ignore_errors=True)
 
     def __enter__(self) -> "VllmNativeDisagg":
         return self.start()
@@ -198,10 +273,12 @@ class VllmNativeDisagg:
         for p in self.procs:
             print(f"---- vLLM peer {p.name} log (last {lines} lines) ----\n{p.tail(lines)}", file=sys.stderr)
 
-    def start(self) -> "VllmNativeDisagg":
+    def start(self, wait: bool = True) -> "VllmNativeDisagg":
+        """Launch the servers and the proxy; with ``wait`` also wait until all answer /health
+        (else call ``wait``: bench serve starts its pdgrpc clusters meanwhile)."""
         from pdgrpc.model_prep import resolve_model
 
-        t0 = time.monotonic()
+        self._t0 = time.monotonic()
         folder = resolve_model(self.model, self.dtype)
         self.tmp = tempfile.mkdtemp(prefix="pdgrpc-vllm-peer-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
         storage = os.path.join(self.tmp, "kv")
@@ -212,14 +289,25 @@ class VllmNativeDisagg:
             consumer = self._server("consumer", folder, "kv_consumer", storage, self.decode_cores)
             port = free_port()
             self._spawn("proxy", [sys.executable, "-m", "pdgrpc.bench.vllm_peer", "--port", str(port),
-                                  "--prefill", producer.url, "--decode", consumer.url], os.environ.copy(),
+                                  "--prefill", producer.url, "--decode", consumer.url, "--storage", storage],
+                        os.environ.copy(),
                         f"http://127.0.0.1:{port}")
-            self._wait_healthy()
         except BaseException:
             self.stop()
             raise
         self.url = self.procs[-1].url
-        self.start_s = time.monotonic() - t0
+        return self.wait(self.start_timeout_s) if wait else self
+
+    def wait(self, timeout_s: float | None = None) -> "VllmNativeDisagg":
+        """Until every process answers /health; on failure print the logs, stop all and raise."""
+        try:
+            self._wait_healthy(self.start_timeout_s if timeout_s is None else timeout_s)
+        except BaseException as exc:
+            if not isinstance(exc, KeyboardInterrupt):
+                self.print_logs()
+            self.stop()
+            raise
+        self.start_s = time.monotonic() - self._t0
         return self
 
     def _server(self, name: str, folder: str, role: str, storage: str, cores: list[int]) -> _Proc:
@@ -236,12 +324,12 @@ class VllmNativeDisagg:
             # own process group: stop() ends the server and every engine process it spawned
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                     start_new_session=True)
-        p = _Proc(name, proc, log_path, url)
+        p = _Proc(name, proc, log_path, url, cmd)
         self.procs.append(p)
         return p
 
-    def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + self.start_timeout_s
+    def _wait_healthy(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
         waiting = list(self.procs)
         while waiting:
             for p in list(waiting):
@@ -251,7 +339,7 @@ class VllmNativeDisagg:
                     waiting.remove(p)
             if time.monotonic() > deadline:
                 names = [p.name for p in waiting]
-                raise RuntimeError(f"vLLM peer: {names} not healthy in {self.start_timeout_s:.0f} s")
+                raise RuntimeError(f"vLLM peer: {names} not healthy in {timeout_s:.0f} s")
             time.sleep(0.5)
 
     def kv_loads(self) -> int:
@@ -288,22 +376,24 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
 
 # ---- clients -------------------------------------------------------------------------------------
 
-def completion_body(token_ids: list[int], max_tokens: int) -> dict:
-    """A streamed, greedy completion of exactly ``max_tokens`` tokens, usage in the last chunk."""
-    return {"model": SERVED_NAME, "prompt": list(token_ids), "max_tokens": max_tokens, "ignore_eos": True,
-            "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+def completion_body(prompt: list[int] | str, max_tokens: int) -> dict:
+    """A streamed, greedy completion of exactly ``max_tokens`` tokens, usage in the last chunk and
+    each chunk's token ids (``return_token_ids``: a chunk's text may hold several tokens, or none)."""
+    return {"model": SERVED_NAME, "prompt": prompt if isinstance(prompt, str) else list(prompt),
+            "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.0, "stream": True,
+            "stream_options": {"include_usage": True}, "return_token_ids": True}
 
 
-_DONE: dict = {}
+DONE: dict = {}  # what sse_event returns for ``data: [DONE]``
 
 
-def _sse_event(raw: bytes | str) -> dict | None:
-    """The JSON object of one server-sent-event line; ``_DONE`` for ``data: [DONE]``, None for others."""
+def sse_event(raw: bytes | str) -> dict | None:
+    """The JSON object of one server-sent-event line; ``DONE`` for ``data: [DONE]``, None for others."""
     line = (raw.decode() if isinstance(raw, bytes) else raw).strip()
     if not line.startswith("data:"):
         return None
     data = line[5:].strip()
-    return _DONE if data == "[DONE]" else json.loads(data)
+    return DONE if data == "[DONE]" else json.loads(data)
 
 
 def time_request(url: str, token_ids: list[int], max_tokens: int,
@@ -320,8 +410,8 @@ def time_request(url: str, token_ids: list[int], max_tokens: int,
             raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:500]!r}")
         ttft, n, other = None, 0, []
         for line in resp:  # read to the end of the stream, past [DONE]: the proxy then closes cleanly
-            ev = _sse_event(line)
-            if ev is None or ev is _DONE:
+            ev = sse_event(line)
+            if ev is None or ev is DONE:
                 continue
             if ev.get("choices") and ttft is None:
                 ttft = time.perf_counter() - t0
