@@ -9,7 +9,6 @@ cluster down with a non-zero exit, so a broken cluster is never left half up.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import os
 import signal
@@ -24,9 +23,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdgrpc import config as cfgmod
 from pdgrpc.engine.registry import EngineOptions
+from pdgrpc.launcher_env import PARENT_ENV
 from pdgrpc.security import GrpcSecurity
-
-_PR_SET_PDEATHSIG = 1
 
 
 def add_arguments(parser) -> None:
@@ -123,9 +121,6 @@ def node_command(n: cfgmod.NodeSection, cluster: cfgmod.ClusterConfig, extra: li
     return cmd + extra
 
 
-def _die_with_parent() -> None:
-    # If the launcher is killed outright, its children must not linger holding ports and memory.
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _grpc_ready(address: str) -> bool:
@@ -152,7 +147,7 @@ class Cluster:
         self.procs: list[tuple[str, subprocess.Popen]] = []
 
     def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
-        proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
+        proc = subprocess.Popen(cmd, env={**os.environ, PARENT_ENV: str(os.getpid())})
         self.procs.append((name, proc))
         return proc
 

@@ -521,3 +521,32 @@ def test_sigterm_drains_an_inflight_request_then_exits(tmp_path):
         assert decode.proc.wait(timeout=15) == 0
     finally:
         lc.stop()
+
+
+def test_children_of_a_killed_launcher_stop(tmp_path):
+    """`pdgrpc up` SIGKILLed: every process it started gets SIGTERM from the kernel and exits."""
+    from conftest import free_port_base
+
+    base = free_port_base()
+    up = Proc(pdgrpc_cmd("up", "--engine", "mock", "--port-base", str(base)))
+    try:
+        up.wait_for_line("cluster ready", timeout_s=120)
+        with open(f"/proc/{up.proc.pid}/task/{up.proc.pid}/children") as f:
+            children = [int(p) for p in f.read().split()]
+        assert len(children) >= 4  # store, prefill, decode, coordinator
+        up.proc.send_signal(signal.SIGKILL)
+        up.proc.wait(timeout=10)
+
+        def gone(pid: int) -> bool:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    return f.read().split(")")[-1].split()[0] == "Z"  # exited, not reaped yet
+            except FileNotFoundError:
+                return True
+
+        assert wait_until(lambda: all(gone(p) for p in children), 30), "children outlived the launcher"
+    finally:
+        try:  # the launcher's process group: whatever is left of it
+            os.killpg(up.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
