@@ -757,3 +757,29 @@ async def test_arena_put_cancelled_midway_leaves_nothing(arena_store):
         assert got == data
         del got
         await client.release("ac-after")
+
+
+async def test_arena_reservation_is_put_without_a_copy(arena_store):
+    async with _arena_client(arena_store.address) as client:
+        assert client.reserve(300 * 1024) is None  # no arena before the first put
+        await client.put("ar-first", os.urandom(300 * 1024), owner="req-rs", lease_s=60)
+        payload = os.urandom(300 * 1024)
+        region = client.reserve(len(payload))
+        assert region is not None and not region.readonly
+        region[:] = payload  # what an engine packing KV does
+        put = await client.put("ar-reserved", region, owner="req-rs", lease_s=60)
+        assert arena.is_arena_name(put.shm_name) and put.crc32 == zlib.crc32(payload)
+        got = await client.get("ar-reserved", shm_name=put.shm_name, size=put.size, crc32=put.crc32,
+                               shm_offset=put.shm_offset)
+        assert got == payload
+        assert await client.get("ar-reserved") == payload  # the store reads the same region
+        del got
+        # a slice of a reservation is not the reservation: it is copied into a region of its own
+        other = client.reserve(8192)
+        other[:4096] = payload[:4096]
+        sub = await client.put("ar-slice", other[:4096], owner="req-rs", lease_s=60)
+        got = await client.get("ar-slice", shm_name=sub.shm_name, size=sub.size, crc32=sub.crc32,
+                               shm_offset=sub.shm_offset)
+        assert got == payload[:4096]
+        del got, other
+        assert await client.release_owner("req-rs") == 3

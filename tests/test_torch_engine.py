@@ -172,6 +172,27 @@ def test_tiny_kv_groups_one_per_group(tiny):
         torch.testing.assert_close(arr[1], cache.layers[g.layer_start].values[0], rtol=0, atol=0)
 
 
+def test_tiny_prefill_packs_kv_into_buffers_it_is_given(tiny):
+    """A prefill node hands the engine its store client's reserve: groups land in those buffers."""
+    ids = tiny.tokenizer.encode("into shared memory")
+    given: list[memoryview] = []
+
+    def provide(nbytes: int) -> memoryview | None:
+        if len(given) == 2:
+            return None  # no room: the engine falls back to its own buffer
+        given.append(memoryview(bytearray(nbytes)))
+        return given[-1]
+
+    plain = [it for _, it in tiny.prefill([PrefillWork("p", ids, GREEDY)])][:-1]
+    tiny.kv_buffer = provide
+    try:
+        packed = [it for _, it in tiny.prefill([PrefillWork("q", ids, GREEDY)])][:-1]
+    finally:
+        tiny.kv_buffer = None
+    assert [g.data is b for g, b in zip(packed, given)] == [True, True]
+    assert [bytes(g.data) for g in packed] == [bytes(g.data) for g in plain]
+
+
 def test_tiny_groups_of_several_layers_and_bf16():
     engine = tiny_engine(torch.bfloat16, layers_per_group=3)
     try:
@@ -428,3 +449,58 @@ def test_tensor_pool_reuses_big_buffers_and_bounds_what_it_keeps():
     pool.give(pool.take((3 << 18,), torch.float32)[1])
     pool.give(pool.take((5 << 18,), torch.float32)[1])
     assert pool.free_bytes <= 8 << 20  # the smallest went first
+
+
+def test_prefill_node_packs_kv_into_the_store_arena(tiny, tmp_path):
+    """PrefillService + a real store: once the arena exists, groups are packed into reserved
+    regions and published without a copy, and decode reads exactly the engine's bytes."""
+    import asyncio
+
+    from conftest import Proc, free_port, pdgrpc_cmd
+
+    from pdgrpc.kvstore import KVStoreClient
+    from pdgrpc.nodes.engine_thread import EngineThread
+    from pdgrpc.nodes.prefill_service import PrefillLimits, PrefillService
+    from pdgrpc.types import KVDescriptor, PrefillRequest, Prompt
+
+    port = free_port()
+    store_proc = Proc(pdgrpc_cmd("kvstore", "--port", str(port), "--max-memory", "64MB"))
+    try:
+        store_proc.wait_for_line("kvstore ")
+
+        async def run() -> tuple[list[int], list[KVDescriptor]]:
+            reserved: list[int] = []
+            async with KVStoreClient(f"127.0.0.1:{port}", shm_arena_bytes=4 << 20) as store:
+                def reserve(nbytes: int):
+                    view = store.reserve(nbytes)
+                    reserved.append(0 if view is None else nbytes)
+                    return view
+
+                tiny.kv_buffer = reserve
+                service = PrefillService("p", tiny, EngineThread("t"), store, PrefillLimits())
+                service.start()
+                ids = tiny.tokenizer.encode("x" * 300)  # 300 tokens: 38 KB per layer group
+                descriptors = []
+                try:
+                    for i in range(2):
+                        async for ev in service.prefill(PrefillRequest(f"r{i}", Prompt(token_ids=tuple(ids)),
+                                                                       GREEDY)):
+                            if isinstance(ev, KVDescriptor):
+                                descriptors.append(ev)
+                    for d in descriptors[-4:]:
+                        got = await store.get(d.key, shm_name=d.shm_name, size=d.size_bytes, crc32=d.crc32,
+                                              shm_offset=d.shm_offset)
+                        assert len(got) == d.size_bytes
+                        del got
+                finally:
+                    tiny.kv_buffer = None
+                    await service.stop()
+            return reserved, descriptors
+
+        reserved, descriptors = asyncio.run(run())
+        assert len(reserved) == 8 and reserved[0] == 0  # the first group comes before any arena exists
+        assert all(reserved[4:])  # the second request: every group packed straight into the arena
+        assert all(d.shm_name and "-arena" in d.shm_name for d in descriptors)
+    finally:
+        store_proc.proc.terminate()
+        store_proc.proc.wait(timeout=10)

@@ -45,6 +45,7 @@ from pdgrpc.engine.torch_kv import (
     check_group,
     kv_from_bytes,
     kv_group_bytes,
+    kv_group_nbytes,
     kv_group_tensor,
     kv_view,
 )
@@ -279,6 +280,9 @@ class TorchEngine(Engine):
         self._serials = itertools.count(1)
         self._batch: DecodeBatch | None = None
         self.pool = TensorPool()  # decode batch and sequence KV buffers, reused (see TensorPool)
+        # Where prefill packs each KV group: a provider of writable buffers (a prefill node sets the
+        # store client's reserve, so the bytes land in shared memory in one copy); None: bytearrays.
+        self.kv_buffer: Callable[[int], memoryview | None] | None = None
 
     def close(self) -> None:
         """Stop the compute thread (the engine is unusable afterwards)."""
@@ -363,8 +367,11 @@ class TorchEngine(Engine):
             def hook(module: Any, args: Any, output: Any) -> None:
                 if stop.is_set() or work.cancelled.is_set():
                     raise _Aborted()
-                data = (kv_group_tensor(cache, start, end) if self.device.type == "cuda"
-                        else kv_group_bytes(cache, start, end, self.dtype))
+                if self.device.type == "cuda":
+                    data = kv_group_tensor(cache, start, end)
+                else:  # straight into the store's shared memory when the node gave us a way there
+                    out = self.kv_buffer(kv_group_nbytes(cache, start, end, self.dtype)) if self.kv_buffer else None
+                    data = kv_group_bytes(cache, start, end, self.dtype, out)
                 q.put(("kv", KVGroup(start, end, 0, n, data)))
             return hook
 

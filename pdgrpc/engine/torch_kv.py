@@ -27,12 +27,20 @@ from pdgrpc.engine.base import DecodeWork, KVGroup
 from pdgrpc.errors import InvalidArgument
 
 
-def kv_group_bytes(cache: Cache, layer_start: int, layer_end: int, dtype: torch.dtype) -> bytearray:
-    """Layers [layer_start, layer_end) of a batch-1 cache as wire bytes (one copy, device -> host)."""
+def kv_group_nbytes(cache: Cache, layer_start: int, layer_end: int, dtype: torch.dtype) -> int:
+    _, heads, tokens, dim = cache.layers[layer_start].keys.shape
+    return (layer_end - layer_start) * 2 * heads * tokens * dim * torch.tensor([], dtype=dtype).element_size()
+
+
+def kv_group_bytes(cache: Cache, layer_start: int, layer_end: int, dtype: torch.dtype,
+                   out: memoryview | None = None) -> bytearray | memoryview:
+    """Layers [layer_start, layer_end) of a batch-1 cache as wire bytes (one copy, device -> host),
+    into ``out`` when given (e.g. a region of the store's shm arena), else into a new bytearray."""
     k0 = cache.layers[layer_start].keys
     _, heads, tokens, dim = k0.shape
     layers = layer_end - layer_start
-    out = bytearray(layers * 2 * heads * tokens * dim * torch.tensor([], dtype=dtype).element_size())
+    if out is None:
+        out = bytearray(kv_group_nbytes(cache, layer_start, layer_end, dtype))
     dst = torch.frombuffer(out, dtype=dtype).view(layers, 2, heads, tokens, dim)
     for i in range(layers):
         layer = cache.layers[layer_start + i]

@@ -34,6 +34,7 @@ import bisect
 import ctypes
 import mmap
 import os
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -178,66 +179,88 @@ class Arena:
 # ---- the writer's side ---------------------------------------------------------------------------
 
 class RegionAllocator:
-    """First-fit allocation of page-aligned regions in one arena, kept by the writer.
+    """First-fit allocation of page-aligned regions in one arena, kept by the writer; thread-safe
+    (an engine's compute thread reserves regions to pack KV into while the event loop commits).
 
     The writer learns that a region was freed only by asking (``resync``): the store drops regions
     when other processes release keys. Regions handed out but not yet committed are ``pending``
-    and survive a resync."""
+    and survive a resync, unless older than ``STALE_PENDING_S``: a reservation nobody committed
+    (its request was cancelled before the put)."""
+
+    STALE_PENDING_S = 60.0
 
     def __init__(self, size: int) -> None:
         self.size = size
         self._free: list[tuple[int, int]] = [(0, size)]  # sorted (offset, size)
         self._pending: dict[int, int] = {}
+        self._since: dict[int, float] = {}  # pending offset -> when it was handed out
         self._committed: dict[int, int] = {}
         self._synced_version = 0
+        self._lock = threading.Lock()
 
     def alloc(self, size: int) -> int | None:
         need = align_up(max(size, 1))
-        for i, (off, free) in enumerate(self._free):
-            if free >= need:
-                if free == need:
-                    del self._free[i]
-                else:
-                    self._free[i] = (off + need, free - need)
-                self._pending[off] = need
-                return off
+        with self._lock:
+            for i, (off, free) in enumerate(self._free):
+                if free >= need:
+                    if free == need:
+                        del self._free[i]
+                    else:
+                        self._free[i] = (off + need, free - need)
+                    self._pending[off] = need
+                    self._since[off] = time.monotonic()
+                    return off
         return None
 
+    def pending_size(self, offset: int) -> int | None:
+        with self._lock:
+            return self._pending.get(offset)
+
     def commit(self, offset: int) -> None:
-        self._committed[offset] = self._pending.pop(offset)
+        with self._lock:
+            self._since.pop(offset, None)
+            self._committed[offset] = self._pending.pop(offset)
 
     def abandon(self, offset: int) -> None:
         """A region that was never committed (the write failed): free it now."""
-        size = self._pending.pop(offset, None)
-        if size is not None:
-            self._free = _merge(self._free + [(offset, size)])
+        with self._lock:
+            self._since.pop(offset, None)
+            size = self._pending.pop(offset, None)
+            if size is not None:
+                self._free = _merge(self._free + [(offset, size)])
 
     def freed(self, version: int, regions: list[tuple[int, int]]) -> None:
         """Regions the store dropped, from an answer stamped ``version``. An answer older than the
         last resync is ignored: its regions were free in that resync and may be in use again."""
-        if version < self._synced_version:
-            return
-        back = [(o, self._committed.pop(o)) for o, _ in regions if o in self._committed]
-        if back:
-            self._free = _merge(self._free + back)
+        with self._lock:
+            if version < self._synced_version:
+                return
+            back = [(o, self._committed.pop(o)) for o, _ in regions if o in self._committed]
+            if back:
+                self._free = _merge(self._free + back)
 
     def resync(self, live: list[tuple[int, int]], version: int = 0) -> None:
         """Rebuild the free list from the store's live regions plus our pending ones."""
-        self._synced_version = max(self._synced_version, version)
-        taken = sorted([(o, align_up(max(s, 1))) for o, s in live] + list(self._pending.items()))
-        self._committed = {o: align_up(max(s, 1)) for o, s in live}
-        free, pos = [], 0
-        for off, size in taken:
-            if off > pos:
-                free.append((pos, off - pos))
-            pos = max(pos, off + size)
-        if pos < self.size:
-            free.append((pos, self.size - pos))
-        self._free = free
+        with self._lock:
+            self._synced_version = max(self._synced_version, version)
+            stale = time.monotonic() - self.STALE_PENDING_S
+            for off in [o for o, t in self._since.items() if t < stale]:
+                del self._pending[off], self._since[off]
+            taken = sorted([(o, align_up(max(s, 1))) for o, s in live] + list(self._pending.items()))
+            self._committed = {o: align_up(max(s, 1)) for o, s in live}
+            free, pos = [], 0
+            for off, size in taken:
+                if off > pos:
+                    free.append((pos, off - pos))
+                pos = max(pos, off + size)
+            if pos < self.size:
+                free.append((pos, self.size - pos))
+            self._free = free
 
     @property
     def free_bytes(self) -> int:
-        return sum(s for _, s in self._free)
+        with self._lock:
+            return sum(s for _, s in self._free)
 
 
 def _merge(regions: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from urllib.parse import quote
 
 import aiohttp
+import numpy as np
 import yarl
 
 from pdgrpc.errors import (
@@ -74,6 +75,18 @@ class _WriterArena:
         self.name, self.size, self.mapping = name, size, mapping
         self.regions = arenas.RegionAllocator(size)
         self.view = memoryview(mapping)
+        self.addr = _address(self.view)  # to recognise a buffer that is one of our reservations
+
+    def reserved_offset(self, view: memoryview) -> int | None:
+        """The offset of ``view`` if it is exactly a region we reserved and have not committed."""
+        offset = _address(view) - self.addr
+        if 0 <= offset < self.size and self.regions.pending_size(offset) == arenas.align_up(max(view.nbytes, 1)):
+            return offset
+        return None
+
+
+def _address(view: memoryview) -> int:
+    return np.frombuffer(view, dtype=np.uint8).ctypes.data if view.nbytes else 0
 
 
 async def _chunks(view: memoryview):
@@ -157,6 +170,10 @@ class KVStoreClient:
         except TypeError as exc:
             raise InvalidArgument(f"put {key!r}: data must be a contiguous bytes-like buffer ({exc})") from None
         size = view.nbytes
+        arena = self._arena
+        offset = arena.reserved_offset(view) if arena is not None and size >= ARENA_MIN_BYTES else None
+        if offset is not None:  # packed straight into our arena (see reserve): no copy left to make
+            return await self._commit_reserved(arena, offset, key, view, owner, lease_s, location)
         # Same host: an arena region costs one store call, like an HTTP PUT, and saves the reader's
         # GET; a segment of its own (when the arena has no room) costs more than HTTP below shm_min_bytes.
         if size >= min(self.shm_min_bytes, ARENA_MIN_BYTES) and await self.shm_enabled():
@@ -209,6 +226,37 @@ class KVStoreClient:
             arena.regions.abandon(offset)
             self._drop_arena(arena)
             return None
+        except BaseException:
+            self._forget_arena_put(arena, offset, key)
+            raise
+        arena.regions.commit(offset)
+        arena.regions.freed(int(answer.get("version", 0)), [(int(o), int(n)) for o, n in answer.get("freed", [])])
+        return PutResult(key=answer["key"], size=int(answer["size"]), crc32=crc, location=answer["location"],
+                         lease_expiry_unix=float(answer["lease_expiry_unix"]), shm_name=arena.name, shm_offset=offset)
+
+    def reserve(self, nbytes: int) -> memoryview | None:
+        """A writable region of our shm arena to build ``nbytes`` of KV in, for a later ``put`` of
+        exactly this view (which then copies nothing); None when there is no arena yet, no room, or
+        the size is not worth it. Callable from any thread. A reservation never put is reclaimed
+        after a minute (``RegionAllocator.STALE_PENDING_S``)."""
+        arena = self._arena
+        if arena is None or not ARENA_MIN_BYTES <= nbytes <= arena.size:
+            return None
+        offset = arena.regions.alloc(nbytes)
+        return None if offset is None else arena.view[offset:offset + nbytes]
+
+    async def _commit_reserved(self, arena: _WriterArena, offset: int, key: str, view: memoryview, owner: str,
+                               lease_s: float, location: str) -> PutResult:
+        crc = await _maybe_thread(shm.checksum, view, size=view.nbytes)
+        try:
+            answer = await self._request("POST", self._kv_url(key, "/shm"), json={
+                "shm_name": arena.name, "offset": offset, "size": view.nbytes, "crc32": crc, "owner": owner,
+                "lease_s": lease_s, "location": location})
+        except NotFound:  # the store lost the arena: the bytes are still here, send them another way
+            data = bytes(view)
+            arena.regions.abandon(offset)
+            self._drop_arena(arena)
+            return await self.put(key, data, owner=owner, lease_s=lease_s, location=location)
         except BaseException:
             self._forget_arena_put(arena, offset, key)
             raise
