@@ -84,6 +84,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.logger import init_logger
 
+from pdgrpc.engine.tensor_pool import TensorPool
 from pdgrpc.engine.vllm_engine import PARAMS_KEY, WIRE_LAYOUT
 from pdgrpc.kvstore import arena as arenas
 from pdgrpc.kvstore import shm
@@ -467,6 +468,8 @@ class GswarmConnector(KVConnectorBase_V1):
         self._layer_of: dict[str, int] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="gswarm")
         self._save_bufs: dict[str, tuple[SaveJob, torch.Tensor, list[tuple[int, int]]]] = {}
+        self._save_bases: dict[str, torch.Tensor | None] = {}  # pooled memory under each save buffer
+        self._buffers = TensorPool()  # a fresh save buffer would fault its pages in during the forward
         self._puts: dict[str, list[concurrent.futures.Future]] = {}
         self._loads: dict[str, concurrent.futures.Future] = {}
         self._worker_meta = GswarmWorkerMeta()
@@ -517,8 +520,8 @@ class GswarmConnector(KVConnectorBase_V1):
         for job in meta.saves:
             if job.req_id not in self._save_bufs:
                 groups = layer_groups(self.num_layers, self._layer_bytes(job.num_tokens), self.layers_per_group)
-                buf = torch.empty((self.num_layers, 2, self.num_kv_heads, job.num_tokens, self.head_dim),
-                                  dtype=self.dtype)
+                buf, self._save_bases[job.req_id] = self._buffers.take(
+                    (self.num_layers, 2, self.num_kv_heads, job.num_tokens, self.head_dim), self.dtype)
                 self._save_bufs[job.req_id] = (job, buf, groups)
                 self.state[job.req_id] = TransferState.SAVING
             _, buf, groups = self._save_bufs[job.req_id]
@@ -549,6 +552,8 @@ class GswarmConnector(KVConnectorBase_V1):
                 self._pool.submit(self._release_owner, job.owner)
             self.state.pop(req_id, None)
             self._worker_meta.saves[req_id] = result
+            del buf  # every put has ended (result() or wait above): the memory can serve the next save
+            self._buffers.give(self._save_bases.pop(req_id, None))
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         done = {r for r, f in self._loads.items() if f.done()}
