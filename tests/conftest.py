@@ -23,6 +23,18 @@ _reserved_ports: set[int] = set()
 _reserve_lock = threading.Lock()
 
 
+# Prompts of the greedy exactness tests (torch and vLLM engines): disaggregated == colocated.
+EXACTNESS_TEXTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "List three colours:",
+    "1, 2, 3, 4,",
+    "Translate to French: good morning",
+]
+EXACTNESS_MAX_TOKENS = 12
+
+
 def free_port_base() -> int:
     """A base whose derived ports (see pdgrpc.config; +1000 for metrics) are all free and not handed
     to another cluster of this test run, even one still starting in another thread. Bases stay below

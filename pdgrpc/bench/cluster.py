@@ -92,10 +92,16 @@ def _toml(v) -> str:
     return repr(v)
 
 
+def split_cores(cores: list[int]) -> tuple[list[int], list[int]]:
+    """The disaggregated pinning every benchmark uses: prefill on the first half of the cores, decode
+    on the rest (both on the one core when there is only one)."""
+    half = max(len(cores) // 2, 1)
+    return list(cores[:half]), list(cores[half:] or cores)
+
+
 def standard_setups(cores: list[int]) -> dict[str, SetupSpec]:
     """The shapes compared on this machine's cores (P:D on separate cores needs at least two)."""
-    half = max(len(cores) // 2, 1)
-    first, rest = tuple(cores[:half]), tuple(cores[half:] or cores)
+    first, rest = map(tuple, split_cores(cores))
     every = tuple(cores)
     specs = [
         SetupSpec("disagg", (NodeSpec("prefill", first), NodeSpec("decode", rest)),

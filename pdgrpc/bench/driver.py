@@ -53,10 +53,7 @@ async def send_one(client: AsyncClient, req: BenchRequest, res: RequestResult, t
         async for ev in client.generate(req.prompt_arg(), timeout_s=timeout_s, **req.client_kwargs()):
             now = time.perf_counter() - start
             if isinstance(ev, GenerateDelta):
-                if res.ttft_s is None:
-                    res.ttft_s = now
-                res.token_times_s.append(now)
-                res.output_tokens += len(ev.token_ids)
+                res.add_tokens(now, len(ev.token_ids))
             elif isinstance(ev, GenerateFinal):
                 res.prompt_tokens = ev.prompt_tokens
                 res.e2e_s = now
@@ -138,10 +135,7 @@ class OpenAISender:
                         n = len(choice["token_ids"]) if choice.get("token_ids") is not None else int(
                             bool(choice.get("text")))  # a server without return_token_ids: one per chunk
                         if n:
-                            if res.ttft_s is None:
-                                res.ttft_s = now
-                            res.token_times_s.append(now)
-                            res.output_tokens += n
+                            res.add_tokens(now, n)
                     if ev.get("usage"):
                         res.prompt_tokens = int(ev["usage"].get("prompt_tokens") or 0)
                         res.output_tokens = int(ev["usage"].get("completion_tokens") or res.output_tokens)

@@ -314,8 +314,7 @@ def main(args) -> int:
             peers["vllm"] = VLLM_NOTE
         else:
             peers["vllm"] = VLLM_PEER_NOTE
-            half = max(len(cores) // 2, 1)  # the pinning of the disagg setup (cluster.standard_setups)
-            peer = VllmNativeDisagg(cores[:half], cores[half:] or cores, model=args.model,
+            peer = VllmNativeDisagg(*cl.split_cores(cores), model=args.model,  # pinned as the disagg setup
                                     dtype=args.dtype or "float32", start_timeout_s=args.start_timeout_s)
         print(peers["vllm"], file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)

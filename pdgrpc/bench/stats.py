@@ -36,6 +36,13 @@ class RequestResult:
     server_queue_s: float | None = None  # arrival -> nodes picked
     error: str = ""
 
+    def add_tokens(self, at_s: float, n: int) -> None:
+        """A message with ``n`` tokens arrived ``at_s`` after the send."""
+        if self.ttft_s is None:
+            self.ttft_s = at_s
+        self.token_times_s.append(at_s)
+        self.output_tokens += n
+
     @property
     def ok(self) -> bool:
         return not self.error and self.ttft_s is not None and self.e2e_s is not None

@@ -219,7 +219,7 @@ class SyncStore:
         self.arena_bytes = arena_bytes if self.use_shm else 0
         self._arena: tuple[str, Any, arenas.RegionAllocator] | None = None  # name, mapping, regions
         self._arena_retry_at = 0.0
-        self._lock = threading.Lock()  # the allocator and the reader's mappings; puts run in threads
+        self._lock = threading.Lock()  # arena creation and the reader's mappings (the allocator has its own)
         self._reader = arenas.ArenaReader()
 
     def _request(self, method: str, path: str, body=None, headers: dict | None = None,
@@ -275,17 +275,15 @@ class SyncStore:
         if arena is None:
             return None
         name, mapping, regions = arena
-        with self._lock:
-            offset = regions.alloc(data.nbytes)
+        offset = regions.alloc(data.nbytes)
         if offset is None:
             status, _, raw = self._request("GET", f"/v1/shm/arenas/{name}")
             if status == 404:
                 self._drop_arena(arena)
                 return None
             info = self._check(status, raw, "arena info")
-            with self._lock:
-                regions.resync([(int(o), int(n)) for o, n in info["live"]], int(info.get("version", 0)))
-                offset = regions.alloc(data.nbytes)
+            regions.resync_from(info)
+            offset = regions.alloc(data.nbytes)
             if offset is None:
                 return None
         committed = sent = False
@@ -308,16 +306,13 @@ class SyncStore:
                 return None
             answer = self._check(status, raw, f"put {key}")
             committed = True
-            with self._lock:
-                regions.commit(offset)
-                regions.freed(int(answer.get("version", 0)), [(int(o), int(n)) for o, n in answer.get("freed", [])])
+            regions.committed(offset, answer)
             return {**answer, "crc32": crc, "shm_name": name, "shm_offset": offset}
         finally:
             if not committed:
                 # The commit may have been recorded: keep the region counted as used (a resync frees
                 # it once the store does not hold it) and release the key in case it was.
-                with self._lock:
-                    (regions.commit if sent else regions.abandon)(offset)
+                (regions.commit if sent else regions.abandon)(offset)
                 if sent:
                     try:
                         self.release(key)

@@ -257,6 +257,15 @@ class RegionAllocator:
                 free.append((pos, self.size - pos))
             self._free = free
 
+    def committed(self, offset: int, answer: dict) -> None:
+        """The store recorded the region at ``offset``; its ``answer`` lists regions freed since."""
+        self.commit(offset)
+        self.freed(int(answer.get("version", 0)), [(int(o), int(n)) for o, n in answer.get("freed", [])])
+
+    def resync_from(self, info: dict) -> None:
+        """Rebuild from the store's GET /v1/shm/arenas/{name} answer."""
+        self.resync([(int(o), int(n)) for o, n in info["live"]], int(info.get("version", 0)))
+
     @property
     def free_bytes(self) -> int:
         with self._lock:

@@ -229,10 +229,7 @@ class KVStoreClient:
         except BaseException:
             self._forget_arena_put(arena, offset, key)
             raise
-        arena.regions.commit(offset)
-        arena.regions.freed(int(answer.get("version", 0)), [(int(o), int(n)) for o, n in answer.get("freed", [])])
-        return PutResult(key=answer["key"], size=int(answer["size"]), crc32=crc, location=answer["location"],
-                         lease_expiry_unix=float(answer["lease_expiry_unix"]), shm_name=arena.name, shm_offset=offset)
+        return self._arena_put_result(arena, offset, answer, crc)
 
     def reserve(self, nbytes: int) -> memoryview | None:
         """A writable region of our shm arena to build ``nbytes`` of KV in, for a later ``put`` of
@@ -248,40 +245,37 @@ class KVStoreClient:
     async def _commit_reserved(self, arena: _WriterArena, offset: int, key: str, view: memoryview, owner: str,
                                lease_s: float, location: str) -> PutResult:
         crc = await _maybe_thread(shm.checksum, view, size=view.nbytes)
-        try:
-            answer = await self._request("POST", self._kv_url(key, "/shm"), json={
-                "shm_name": arena.name, "offset": offset, "size": view.nbytes, "crc32": crc, "owner": owner,
-                "lease_s": lease_s, "location": location})
-        except NotFound:  # the store lost the arena: the bytes are still here, send them another way
-            data = bytes(view)
-            arena.regions.abandon(offset)
-            self._drop_arena(arena)
-            return await self.put(key, data, owner=owner, lease_s=lease_s, location=location)
-        except BaseException:
-            self._forget_arena_put(arena, offset, key)
-            raise
-        arena.regions.commit(offset)
-        arena.regions.freed(int(answer.get("version", 0)), [(int(o), int(n)) for o, n in answer.get("freed", [])])
-        return PutResult(key=answer["key"], size=int(answer["size"]), crc32=crc, location=answer["location"],
-                         lease_expiry_unix=float(answer["lease_expiry_unix"]), shm_name=arena.name, shm_offset=offset)
+        put = await self._commit_region(arena, offset, key, view.nbytes, crc, owner, lease_s, location)
+        if put is None:  # the store lost the arena; the bytes are still in our mapping: send them another way
+            return await self.put(key, bytes(view), owner=owner, lease_s=lease_s, location=location)
+        return put
 
     async def _put_arena_small(self, arena: _WriterArena, offset: int, key: str, view: memoryview, owner: str,
                                lease_s: float, location: str) -> PutResult | None:
         """A small put: copy on the loop (microseconds), then the commit, with its CRC."""
         crc = arenas.copy_with_crc(arena.view[offset:offset + view.nbytes], view)
+        return await self._commit_region(arena, offset, key, view.nbytes, crc, owner, lease_s, location)
+
+    async def _commit_region(self, arena: _WriterArena, offset: int, key: str, size: int, crc: int, owner: str,
+                             lease_s: float, location: str) -> PutResult | None:
+        """Record a filled region under ``key``; None when the store lost the arena (restarted, or
+        reaped it while we were idle)."""
         try:
             answer = await self._request("POST", self._kv_url(key, "/shm"), json={
-                "shm_name": arena.name, "offset": offset, "size": view.nbytes, "crc32": crc, "owner": owner,
+                "shm_name": arena.name, "offset": offset, "size": size, "crc32": crc, "owner": owner,
                 "lease_s": lease_s, "location": location})
-        except NotFound:  # the store lost the arena (restarted, or reaped it while we were idle)
+        except NotFound:
             arena.regions.abandon(offset)
             self._drop_arena(arena)
             return None
         except BaseException:  # incl. a cancel while the commit was in flight
             self._forget_arena_put(arena, offset, key)
             raise
-        arena.regions.commit(offset)
-        arena.regions.freed(int(answer.get("version", 0)), [(int(o), int(n)) for o, n in answer.get("freed", [])])
+        return self._arena_put_result(arena, offset, answer, crc)
+
+    @staticmethod
+    def _arena_put_result(arena: _WriterArena, offset: int, answer: dict, crc: int) -> PutResult:
+        arena.regions.committed(offset, answer)
         return PutResult(key=answer["key"], size=int(answer["size"]), crc32=crc, location=answer["location"],
                          lease_expiry_unix=float(answer["lease_expiry_unix"]), shm_name=arena.name, shm_offset=offset)
 
@@ -358,7 +352,7 @@ class KVStoreClient:
         except NotFound:
             self._drop_arena(arena)
             return
-        arena.regions.resync([(int(o), int(n)) for o, n in body["live"]], int(body.get("version", 0)))
+        arena.regions.resync_from(body)
 
     def _drop_arena(self, arena: _WriterArena) -> None:
         if self._arena is arena:

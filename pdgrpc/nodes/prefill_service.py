@@ -55,6 +55,16 @@ class _Pending:
     out: asyncio.Queue
 
 
+def check_prefill_request(req: PrefillRequest, spec: ModelSpec) -> None:
+    """The fields of a prefill request that need no tokenizer (every engine's prefill node)."""
+    if not REQUEST_ID_RE.match(req.request_id):
+        raise InvalidArgument("request_id must be 1-64 of letters, digits, '-', '_', '.'")
+    req.prompt.validate()
+    req.sampling.validate(spec.max_model_len, spec.vocab_size)
+    if req.kv_lease_seconds < 0 or req.kv_lease_seconds > MAX_LEASE_S:
+        raise InvalidArgument(f"kv_lease_seconds must be in [0, {MAX_LEASE_S}]")
+
+
 def validate_prompt_ids(ids: list[int], spec: ModelSpec, max_tokens: int) -> None:
     if not ids:
         raise InvalidArgument("prompt has no tokens")
@@ -103,12 +113,7 @@ class PrefillService:
         descriptors are yielded.
         """
         spec = self.engine.spec
-        if not REQUEST_ID_RE.match(req.request_id):
-            raise InvalidArgument("request_id must be 1-64 of letters, digits, '-', '_', '.'")
-        req.prompt.validate()
-        req.sampling.validate(spec.max_model_len, spec.vocab_size)
-        if req.kv_lease_seconds < 0 or req.kv_lease_seconds > MAX_LEASE_S:
-            raise InvalidArgument(f"kv_lease_seconds must be in [0, {MAX_LEASE_S}]")
+        check_prefill_request(req, spec)
         if self.running + len(self._queue) >= self.limits.max_requests:
             raise ResourceExhausted(f"prefill node {self.node} is full ({self.limits.max_requests} requests)",
                                     retry_after_s=0.5)

@@ -48,9 +48,8 @@ from pdgrpc.kvstore.client import KVStoreClient
 from pdgrpc.nodes.checks import check_decode_start, check_descriptor
 from pdgrpc.nodes.decode_service import DecodeLimits
 from pdgrpc.nodes.engine_thread import EngineThread
-from pdgrpc.nodes.prefill_service import MAX_LEASE_S, PrefillLimits, validate_prompt_ids
+from pdgrpc.nodes.prefill_service import PrefillLimits, check_prefill_request, validate_prompt_ids
 from pdgrpc.types import (
-    REQUEST_ID_RE,
     ColocatedEvent,
     DecodeEvent,
     DecodeFinished,
@@ -195,12 +194,7 @@ class VllmPrefillService(_VllmService):
 
     async def validate(self, req: PrefillRequest) -> list[int]:
         spec = self.engine.spec
-        if not REQUEST_ID_RE.match(req.request_id):
-            raise InvalidArgument("request_id must be 1-64 of letters, digits, '-', '_', '.'")
-        req.prompt.validate()
-        req.sampling.validate(spec.max_model_len, spec.vocab_size)
-        if req.kv_lease_seconds < 0 or req.kv_lease_seconds > MAX_LEASE_S:
-            raise InvalidArgument(f"kv_lease_seconds must be in [0, {MAX_LEASE_S}]")
+        check_prefill_request(req, spec)
         ids = await self.thread.call(self.engine.tokenize, req.prompt)
         validate_prompt_ids(ids, spec, req.sampling.max_tokens)
         return ids
