@@ -231,6 +231,12 @@ class KVStoreClient:
             raise
         return self._arena_put_result(arena, offset, answer, crc)
 
+    async def open_arena(self) -> bool:
+        """Get this client's shm arena now (a writer calls it at start), so the first put does not
+        pay for allocating and mapping it; False when there is none (not on the store's host, store
+        unreachable or full: puts then take the other paths and try again later)."""
+        return await self.shm_enabled() and await self._writer_arena() is not None
+
     def reserve(self, nbytes: int) -> memoryview | None:
         """A writable region of our shm arena to build ``nbytes`` of KV in, for a later ``put`` of
         exactly this view (which then copies nothing); None when there is no arena yet, no room, or

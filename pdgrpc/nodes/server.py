@@ -121,8 +121,10 @@ async def serve_node(cfg: NodeConfig) -> int:
         decode = DecodeService(cfg.name, engine, thread, store, DecodeLimits(cfg.max_requests, cfg.max_batch))
         service = {Role.PREFILL: prefill, Role.DECODE: decode,
                    Role.COLOCATED: ColocatedService(prefill, decode)}[cfg.role]
-        if cfg.role is Role.PREFILL and hasattr(engine, "kv_buffer"):
-            engine.kv_buffer = store.reserve  # KV packed straight into the store's shm arena: one copy
+        if cfg.role is Role.PREFILL:
+            await store.open_arena()  # not in the first request's time to first token
+            if hasattr(engine, "kv_buffer"):
+                engine.kv_buffer = store.reserve  # KV packed straight into the store's shm arena: one copy
     service.start()
     servicer.service = service
     await set_serving(health, [service_name], True)
