@@ -118,12 +118,16 @@ class Client:
 
 class AsyncClient:
     def __init__(self, address: str, timeout_s: float | None = 300.0, *, token: str | None = None,
-                 tls_ca: str | None = None) -> None:
+                 tls_ca: str | None = None, connection_id: int | None = None) -> None:
+        """``connection_id``: clients with different ids never share a TCP connection (grpc shares
+        one between channels with equal options), e.g. to spread load over coordinator processes that
+        share a port, which the kernel balances per connection."""
         self.address = address
         self.timeout_s = timeout_s
         security = GrpcSecurity.from_env(token=token, tls_ca=tls_ca)
         self._metadata = security.metadata()
-        self._channel = security.aio_channel(address)
+        extra = () if connection_id is None else (("pdgrpc.connection_id", connection_id),)
+        self._channel = security.aio_channel(address, extra)
         self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
 
     async def generate(self, prompt: str | None = None, *, timeout_s: float | None = None,

@@ -3,6 +3,8 @@
 deploy/local.toml shows every key. Ports left at 0 are filled from ``port_base``:
 coordinator = base, store = base + 1, prefill i = base + 10 + i, decode j = base + 40 + j,
 colocated k = base + 70 + k, and each gRPC process's metrics port is its gRPC port + 1000.
+With ``[coordinator] processes = N`` the N coordinator processes share the one gRPC port
+(SO_REUSEPORT, the kernel spreads connections) and worker k serves metrics on metrics_port + k.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ DEFAULT_PORT_BASE = 50051
 MODES = ("disaggregated", "colocated")
 ROLES = ("prefill", "decode", "colocated")
 METRICS_OFFSET = 1000
+# Coordinator workers' metrics ports are metrics_port + k; at most 10 keeps them below the prefill
+# nodes' metrics ports (base + 1010 onwards) with the default layout.
+MAX_COORDINATOR_PROCESSES = 10
 
 
 class ConfigError(ValueError):
@@ -61,6 +66,13 @@ class CoordinatorSection:
     max_inflight: int = 256
     health_interval_s: float = 1.0
     kv_lease_s: float = 60.0   # lease the coordinator renews on live requests' KV
+    # Processes serving the one port (like vLLM's --api-server-count): each one is a full coordinator
+    # with its own node pool and admission limit; a coordinator is CPU-bound in grpc's per-call work,
+    # so more of them is how it scales on a host with cores to spare.
+    processes: int = 1
+
+    def worker_metrics_port(self, worker: int) -> int:
+        return self.metrics_port + worker
 
 
 @dataclass(frozen=True)
@@ -111,6 +123,9 @@ class ClusterConfig:
         if self.mode == "colocated" and (not self.by_role("colocated") or len(self.nodes) != len(
                 self.by_role("colocated"))):
             raise ConfigError("a colocated cluster needs [[colocated]] nodes only")
+        if not 1 <= self.coordinator.processes <= MAX_COORDINATOR_PROCESSES:
+            raise ConfigError(f"[coordinator] processes must be 1-{MAX_COORDINATOR_PROCESSES}, "
+                              f"not {self.coordinator.processes}")
         ports: dict[tuple[str, int], str] = {}
         cpus = os.cpu_count() or 1
         for what, host, port in self._endpoints():
@@ -135,7 +150,9 @@ class ClusterConfig:
     def _endpoints(self):
         yield "store", self.store.host, self.store.port
         yield "coordinator", self.coordinator.host, self.coordinator.port
-        yield "coordinator metrics", self.coordinator.host, self.coordinator.metrics_port
+        c = self.coordinator
+        for k in range(max(c.processes, 1)):
+            yield f"coordinator {k} metrics" if k else "coordinator metrics", c.host, c.worker_metrics_port(k)
         for n in self.nodes:
             yield n.name, n.host, n.port
             yield f"{n.name} metrics", n.host, n.metrics_port

@@ -85,8 +85,11 @@ class RejectMalformed(grpc.aio.ServerInterceptor):
         return handler._replace(request_deserializer=lenient)
 
 
-def new_server(interceptors: list[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
-    return grpc.aio.server(options=SERVER_OPTIONS, interceptors=[*interceptors, RejectMalformed()])
+def new_server(interceptors: list[grpc.aio.ServerInterceptor] = (), *, share_port: bool = False) -> grpc.aio.Server:
+    """A server; ``share_port`` lets several processes of one service listen on one port (SO_REUSEPORT),
+    which is otherwise off so that a second process on a taken port fails instead of sharing it."""
+    options = [(k, 1 if share_port and k == "grpc.so_reuseport" else v) for k, v in SERVER_OPTIONS]
+    return grpc.aio.server(options=options, interceptors=[*interceptors, RejectMalformed()])
 
 
 def add_health_and_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> health.aio.HealthServicer:

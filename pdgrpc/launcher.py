@@ -41,6 +41,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--port-base", type=int, default=None,
                         help=f"coordinator port; others follow it (default {cfgmod.DEFAULT_PORT_BASE})")
     parser.add_argument("--store-max-memory", default=None, help="store capacity, e.g. 2GB")
+    parser.add_argument("--coordinators", type=int, default=None,
+                        help="coordinator processes sharing the coordinator port ([coordinator] processes)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin nodes to CPUs")
     parser.add_argument("--ready-timeout-s", type=float, default=300.0, help="how long to wait for every process")
     parser.add_argument("--node-arg", action="append", default=[],
@@ -64,6 +66,9 @@ def cluster_from_args(args) -> cfgmod.ClusterConfig:
     if args.store_max_memory:
         cluster = dataclasses.replace(cluster, store=dataclasses.replace(cluster.store,
                                                                          max_memory=args.store_max_memory))
+    if args.coordinators is not None:
+        cluster = dataclasses.replace(cluster, coordinator=dataclasses.replace(cluster.coordinator,
+                                                                               processes=args.coordinators))
     if not args.no_pin:
         cluster = auto_pin(cluster)
     return cluster.validate()
@@ -132,9 +137,9 @@ def _grpc_ready(address: str) -> bool:
     return resp.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def _http_ready(address: str) -> bool:
+def _http_ready(address: str, path: str = "/health") -> bool:
     try:
-        with urllib.request.urlopen(f"http://{address}/health", timeout=1.0) as resp:
+        with urllib.request.urlopen(f"http://{address}{path}", timeout=1.0) as resp:
             return resp.status == 200
     except OSError:
         return False
@@ -151,12 +156,13 @@ class Cluster:
         self.procs.append((name, proc))
         return proc
 
-    def wait_ready(self, name: str, proc: subprocess.Popen, check, address: str, timeout_s: float) -> None:
+    def wait_ready(self, name: str, proc: subprocess.Popen, check, address: str, timeout_s: float,
+                   **check_args) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"{name} exited with status {proc.returncode} before it was ready")
-            if check(address):
+            if check(address, **check_args):
                 return
             time.sleep(0.1)
         raise RuntimeError(f"{name} not ready at {address} after {timeout_s:.0f}s")
@@ -203,8 +209,16 @@ def main(args) -> int:
         started = [(n, procs.start(n.name, node_command(n, cluster, args.node_arg))) for n in cluster.nodes]
         for n, proc in started:
             procs.wait_ready(n.name, proc, _grpc_ready, n.address, args.ready_timeout_s)
-        coord = procs.start("coordinator", [sys.executable, "-m", "pdgrpc", "coordinator", "--config", config_path])
-        procs.wait_ready("coordinator", coord, _grpc_ready, cluster.coordinator_address, args.ready_timeout_s)
+        c = cluster.coordinator
+        coords = [procs.start(f"coordinator-{k}" if c.processes > 1 else "coordinator",
+                              [sys.executable, "-m", "pdgrpc", "coordinator", "--config", config_path,
+                               "--worker", str(k)]) for k in range(c.processes)]
+        # All workers answer health on the one shared port, so each is waited for on its own metrics port
+        # (served once its gRPC port is bound), then the port itself.
+        for k, coord in enumerate(coords):
+            procs.wait_ready(f"coordinator {k}", coord, _http_ready, f"{c.host}:{c.worker_metrics_port(k)}",
+                             args.ready_timeout_s, path="/metrics")
+        procs.wait_ready("coordinator", coords[0], _grpc_ready, cluster.coordinator_address, args.ready_timeout_s)
         shape = (f"{len(cluster.nodes)} colocated" if cluster.mode == "colocated" else
                  f"{len(cluster.by_role('prefill'))} prefill + {len(cluster.by_role('decode'))} decode")
         print(f"cluster ready: {shape}; try: pdgrpc generate --coordinator {cluster.coordinator_address} "

@@ -60,10 +60,11 @@ class GrpcSecurity:
         with open(self.tls_ca, "rb") as f:
             return grpc.ssl_channel_credentials(f.read())
 
-    def aio_channel(self, address: str) -> grpc.aio.Channel:
+    def aio_channel(self, address: str, extra_options: tuple = ()) -> grpc.aio.Channel:
+        options = [*CHANNEL_OPTIONS, *extra_options]
         if self.tls_ca:
-            return grpc.aio.secure_channel(address, self._channel_credentials(), options=CHANNEL_OPTIONS)
-        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            return grpc.aio.secure_channel(address, self._channel_credentials(), options=options)
+        return grpc.aio.insecure_channel(address, options=options)
 
     def channel(self, address: str) -> grpc.Channel:
         if self.tls_ca:

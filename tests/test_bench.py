@@ -208,6 +208,20 @@ def test_bench_coordinator_short_sweep(tmp_path):
     assert isinstance(report["max_sustained_rps"], float)
 
 
+@pytest.mark.e2e
+def test_bench_coordinator_scaled_out(tmp_path):
+    """2 coordinator processes, 2 decode nodes and 2 client processes sharing one arrival schedule."""
+    out = tmp_path / "coord"
+    assert main(_args("coordinator", "--rates", "20", "--duration-s", "1", "--coordinators", "2", "--decode", "2",
+                      "--clients", "2", "--out", str(out), "--no-progress")) == 0
+    report = json.loads((out / "coordinator.json").read_text())
+    (run,) = report["runs"]
+    assert run["completed"] == run["requests"] >= 20
+    assert {"coordinator", "coordinator-1", "prefill-0", "decode-0", "decode-1", "client"} <= set(
+        run["cpu_ms_per_request"])
+    assert run["cpu_ms_per_request"]["client"] > 0  # the client processes' CPU, not the parent's
+
+
 # ---- vLLM peer: the disaggregated-prefill proxy (no vLLM needed) ----------------------------------
 
 @pytest.mark.fast

@@ -3,16 +3,18 @@ cancellation, and a killed node."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import signal
 import subprocess
 import time
+import urllib.request
 
 import pytest
 from conftest import Proc, free_port_base, http_json, mock_reference, pdgrpc_cmd, wait_until
 
-from pdgrpc.client import Client
+from pdgrpc.client import AsyncClient, Client
 from pdgrpc.errors import DeadlineExceeded, Unavailable
 from pdgrpc.types import GenerateDelta, GenerateFinal, NodeHealth
 
@@ -84,6 +86,37 @@ name = "d2"
         assert stats["total_keys"] == 0
     finally:
         up.stop(timeout_s=60)
+
+
+async def test_coordinator_processes_share_one_port():
+    """[coordinator] processes = 2: both serve the one port (the kernel spreads connections), each has
+    its own metrics port, and every request is answered by exactly one of them."""
+    base = free_port_base()
+    up = Proc(pdgrpc_cmd("up", "--engine", "mock", "--coordinators", "2", "--port-base", str(base)))
+    try:
+        await asyncio.to_thread(up.wait_for_line, "cluster ready", 60)
+        assert sorted(line.split()[1] for line in up.lines if line.startswith("coordinator ")) == [
+            "coordinator-0", "coordinator-1"]
+        # 16 connections: all of them on one process would be a 2**-15 chance.
+        clients = [AsyncClient(f"127.0.0.1:{base}", connection_id=k) for k in range(16)]
+        try:
+            results = await asyncio.gather(*(c.complete(PROMPTS[0], max_tokens=8) for c in clients))
+        finally:
+            for c in clients:
+                await c.close()
+        assert all(r.text == mock_reference(PROMPTS[0], 8)[1] for r in results)
+        served = [_requests_ok(base + 1000 + k) for k in range(2)]
+        assert sum(served) == 16 and min(served) > 0, served
+    finally:
+        up.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(up.proc.wait, 60) == 0
+
+
+def _requests_ok(metrics_port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("pdgrpc_requests_total{") and 'outcome="ok"' in line)
 
 
 def test_descriptors_reach_decode_before_prefill_finishes(local_cluster):

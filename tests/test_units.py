@@ -126,6 +126,14 @@ def test_config_fills_ports_from_the_base_and_rejects_mistakes(tmp_path):
         cfgmod.from_dict({"prefill": [{}]})
     with pytest.raises(cfgmod.ConfigError, match="both use"):
         cfgmod.from_dict({"prefill": [{"port": 41000}], "decode": [{"port": 41000}]})
+    two = cfgmod.from_dict({"coordinator": {"processes": 2}, "prefill": [{}], "decode": [{}]}, 40000)
+    assert [two.coordinator.worker_metrics_port(k) for k in range(2)] == [41000, 41001]
+    for bad in (0, cfgmod.MAX_COORDINATOR_PROCESSES + 1):
+        with pytest.raises(cfgmod.ConfigError, match="processes"):
+            cfgmod.from_dict({"coordinator": {"processes": bad}, "prefill": [{}], "decode": [{}]})
+    with pytest.raises(cfgmod.ConfigError, match="and coordinator 1 metrics both use"):  # worker 1's port taken
+        cfgmod.from_dict({"coordinator": {"processes": 2}, "prefill": [{"metrics_port": 41001}], "decode": [{}]},
+                         40000)
     assert cfgmod.load(str(ROOT / "deploy" / "local.toml")).store.port == 9015
     assert cfgmod.parse_size("2GB") == 2 * 10**9 and cfgmod.parse_size("1GiB") == 2**30
 

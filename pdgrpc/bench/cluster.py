@@ -67,6 +67,7 @@ class SetupSpec:
     name: str
     nodes: tuple[NodeSpec, ...]
     description: str = ""
+    coordinators: int = 1  # coordinator processes on the one port
 
     @property
     def mode(self) -> str:
@@ -74,7 +75,8 @@ class SetupSpec:
 
     def config_text(self, base: int, engine: dict, max_inflight: int = 4096) -> str:
         lines = [f"port_base = {base}", f'mode = "{self.mode}"', "", "[store]", 'max_memory = "4GB"', "",
-                 "[coordinator]", f"max_inflight = {max_inflight}", "", "[defaults]"]
+                 "[coordinator]", f"max_inflight = {max_inflight}", f"processes = {self.coordinators}", "",
+                 "[defaults]"]
         for k, v in engine.items():
             lines.append(f"{k} = {_toml(v)}")
         for n in self.nodes:
@@ -126,7 +128,8 @@ def process_role(pid: int) -> str:
     if "kvstore" in argv:
         return "store"
     if "coordinator" in argv:
-        return "coordinator"
+        worker = argv[argv.index("--worker") + 1] if "--worker" in argv else "0"
+        return "coordinator" if worker == "0" else f"coordinator-{worker}"
     for role in ("prefill", "decode", "colocated"):
         if role in argv:
             name = argv[argv.index("--name") + 1] if "--name" in argv else role

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import time
 
 from pdgrpc.bench import cluster as cl
 from pdgrpc.bench.driver import progress_bar, run_open_loop
@@ -39,6 +42,12 @@ def add_arguments(p) -> None:
                    help="30 = one KV group per request (what a short prompt gives with the torch engine)")
     p.add_argument("--stop-after-ms", type=float, default=1000.0,
                    help="stop the sweep once p99 end-to-end passes this (the rates above would only be worse)")
+    p.add_argument("--coordinators", type=int, default=1, help="coordinator processes on the one port")
+    p.add_argument("--prefill", type=int, default=1, help="prefill nodes (mock, zero cost)")
+    p.add_argument("--decode", type=int, default=1, help="decode nodes (mock, zero cost)")
+    p.add_argument("--clients", type=int, default=1,
+                   help="benchmark client processes sharing the arrival schedule (one Python client "
+                        "saturates near ~500 req/s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", default="", help="folder for a py-spy profile of the coordinator (needs py-spy)")
     p.add_argument("--out", default="bench-results/coordinator", help="output folder for coordinator.json")
@@ -56,22 +65,70 @@ def _sustained(run: dict, limit_ms: float) -> bool:
             and run["throughput_rps"] >= 0.9 * run["offered_rate_rps"])
 
 
-async def _sweep(setup: cl.Setup, args, report: dict) -> None:
-    warm = _requests(50, args)
-    await run_open_loop(setup.address, warm, [i * 0.01 for i in range(len(warm))])
-    me = os.getpid()
+def _client_slice(address: str, connections: int, reqs: list[BenchRequest], arrivals: list[float],
+                  start_at: float | None, drain_timeout_s: float) -> tuple[list, float, float]:
+    """One client process's share of a run: (results, duration, CPU seconds this process spent)."""
+    cpu0 = time.process_time()
+    results, duration = asyncio.run(run_open_loop(address, reqs, arrivals, timeout_s=60, connections=connections,
+                                                  drain_timeout_s=drain_timeout_s, start_at=start_at))
+    return results, duration, time.process_time() - cpu0
+
+
+class _Clients:
+    """Sends a run from ``n`` processes: request i goes to process i mod n, each at its own arrival
+    time on one shared clock, so together they send exactly the one Poisson schedule."""
+
+    def __init__(self, address: str, n: int, connections: int) -> None:
+        self.address = address
+        self.n = n
+        self.connections = connections
+        self.pool = (concurrent.futures.ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"))
+                     if n > 1 else None)
+
+    def run(self, reqs: list[BenchRequest], arrivals: list[float], drain_timeout_s: float,
+            on_done=None) -> tuple[list, float, float]:
+        if self.pool is None:
+            cpu0 = time.process_time()
+            results, duration = asyncio.run(run_open_loop(self.address, reqs, arrivals, timeout_s=60,
+                                                          connections=self.connections,
+                                                          drain_timeout_s=drain_timeout_s, on_done=on_done))
+            return results, duration, time.process_time() - cpu0
+        start_at = time.perf_counter() + 0.5  # every process is up and waiting by then
+        futures = [self.pool.submit(_client_slice, self.address, self.connections, reqs[k::self.n],
+                                    arrivals[k::self.n], start_at, drain_timeout_s) for k in range(self.n)]
+        parts = [f.result() for f in futures]
+        results = sorted((r for part in parts for r in part[0]), key=lambda r: r.index)
+        return results, max(p[1] for p in parts), sum(p[2] for p in parts)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def _sweep(setup: cl.Setup, args, report: dict) -> None:
+    # Several connections per client when several coordinators share the port: the kernel hands each
+    # connection to one of them, so a handful of connections would load them unevenly.
+    clients = _Clients(setup.address, args.clients, 1 if args.coordinators == 1 else 4 * args.coordinators)
+    try:
+        _sweep_rates(setup, clients, args, report)
+    finally:
+        clients.close()
+
+
+def _sweep_rates(setup: cl.Setup, clients: _Clients, args, report: dict) -> None:
+    warm = _requests(50 * args.clients, args)
+    clients.run(warm, [i * 0.01 / args.clients for i in range(len(warm))], 60)
     for k, rate in enumerate(args.rates):
         n = max(20, round(rate * args.duration_s))
         reqs = _requests(n, args)
         arrivals = list(poisson_arrivals(rate, n, args.seed + k))
-        bar = progress_bar(n, f"coordinator @ {rate:g} req/s", not args.no_progress)
-        before = {**setup.cpu_by_process(), "client": cl.cpu_seconds(me)}
-        await asyncio.sleep(0.5)
-        results, duration = await run_open_loop(setup.address, reqs, arrivals, timeout_s=60,
-                                                drain_timeout_s=arrivals[-1] + 60,
-                                                on_done=lambda _r, bar=bar: bar.update(1))
+        bar = progress_bar(n, f"coordinator @ {rate:g} req/s", not args.no_progress and args.clients == 1)
+        before = setup.cpu_by_process()
+        time.sleep(0.5)
+        results, duration, client_cpu = clients.run(reqs, arrivals, arrivals[-1] + 60,
+                                                    on_done=lambda _r, bar=bar: bar.update(1))
         bar.close()
-        after = {**setup.cpu_by_process(), "client": cl.cpu_seconds(me)}
+        after = {**setup.cpu_by_process(), "client": client_cpu}
         run = summarize(results, offered_rate=rate, slo_ttft_s=args.p99_limit_ms / 1000, slo_tpot_s=1e9,
                         duration_s=duration)
         # What the client and the coordinator add to the first token beyond the prefill node's own time
@@ -132,13 +189,25 @@ def top_functions(raw_path: str, n: int = 15) -> list[dict]:
                if "asyncio" not in f and "runpy" not in f][:n])
 
 
+def _setup_spec(args) -> cl.SetupSpec:
+    """1 prefill + 1 decode pinned as in every benchmark; more nodes share the same two halves of the cores."""
+    if min(args.prefill, args.decode, args.coordinators, args.clients) < 1:
+        raise SystemExit("--prefill, --decode, --coordinators and --clients must be >= 1")
+    first, rest = map(tuple, cl.split_cores(sorted(os.sched_getaffinity(0))))
+    nodes = (*(cl.NodeSpec("prefill", first) for _ in range(args.prefill)),
+             *(cl.NodeSpec("decode", rest) for _ in range(args.decode)))
+    return cl.SetupSpec("disagg", nodes, f"{args.prefill} prefill on cores {list(first)}, {args.decode} decode on "
+                        f"cores {list(rest)}, {args.coordinators} coordinator process(es) and "
+                        f"{args.clients} client process(es) unpinned", coordinators=args.coordinators)
+
+
 def main(args) -> int:
     # Nodes admit far more than the default 64 requests, so a latency spike shows as latency, not as
     # RESOURCE_EXHAUSTED from a node (the coordinator's own limit is 4096, see cluster.SetupSpec).
     engine = {"engine": "mock", "mock_layers_per_group": args.mock_layers_per_group,
               "mock_prefill_cost_per_token_s": 0.0, "mock_decode_cost_per_step_s": 0.0,
               "max_requests": 1024, "max_batch": 256}
-    spec = cl.standard_setups(sorted(os.sched_getaffinity(0)))["disagg"]
+    spec = _setup_spec(args)
     report: dict = {"command": "pdgrpc bench coordinator " + " ".join(sys.argv[sys.argv.index("coordinator") + 1:])
                     if "coordinator" in sys.argv else "", "machine": cl.machine_info(),
                     "setup": spec.description, "output_tokens": args.output_tokens, "prompt_tokens": args.prompt_tokens,
@@ -149,7 +218,7 @@ def main(args) -> int:
     try:
         if args.profile:
             prof = _start_profile(setup.pids()["coordinator"], args.profile)
-        asyncio.run(_sweep(setup, args, report))
+        _sweep(setup, args, report)
     except KeyboardInterrupt:
         print("interrupted: writing what was measured", file=sys.stderr)
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -80,16 +81,21 @@ class Sender(Protocol):
 
 
 class GrpcSender:
-    """A pdgrpc coordinator through pdgrpc's AsyncClient (``send_one``)."""
+    """A pdgrpc coordinator through pdgrpc's AsyncClient (``send_one``), over ``connections`` TCP
+    connections taken in turn (coordinator processes sharing a port are balanced per connection)."""
 
-    def __init__(self, address: str, timeout_s: float) -> None:
-        self.client = AsyncClient(address, timeout_s=timeout_s)
+    def __init__(self, address: str, timeout_s: float, connections: int = 1) -> None:
+        self.clients = [AsyncClient(address, timeout_s=timeout_s, connection_id=k if connections > 1 else None)
+                        for k in range(max(connections, 1))]
+        self._next = itertools.count()
 
     async def send(self, req: BenchRequest, res: RequestResult, t0: float, timeout_s: float) -> RequestResult:
-        return await send_one(self.client, req, res, t0, timeout_s)
+        client = self.clients[next(self._next) % len(self.clients)]
+        return await send_one(client, req, res, t0, timeout_s)
 
     async def close(self) -> None:
-        await self.client.close()
+        for client in self.clients:
+            await client.close()
 
 
 class OpenAISender:
@@ -155,26 +161,29 @@ class OpenAISender:
         await self.session.close()
 
 
-def open_sender(address: str, timeout_s: float) -> Sender:
+def open_sender(address: str, timeout_s: float, connections: int = 1) -> Sender:
     """``http(s)://host:port``: an OpenAI-compatible server; anything else: a pdgrpc coordinator.
     Call it inside the event loop that will use it."""
     if address.startswith(("http://", "https://")):
         return OpenAISender(address, timeout_s)
-    return GrpcSender(address, timeout_s)
+    return GrpcSender(address, timeout_s, connections)
 
 
 async def run_open_loop(address: str, requests: list[BenchRequest], arrivals: list[float], *,
                         timeout_s: float = 300.0, drain_timeout_s: float = 300.0,
                         on_done: Callable[[RequestResult], None] | None = None,
-                        sender: Sender | None = None) -> tuple[list[RequestResult], float]:
+                        sender: Sender | None = None, connections: int = 1,
+                        start_at: float | None = None) -> tuple[list[RequestResult], float]:
     """Send request i at ``arrivals[i]`` seconds after the start, whatever is still running (open
     loop); return every result and the run's duration (first send to last answer). ``sender``
-    (closed here) defaults to ``open_sender(address)``."""
+    (closed here) defaults to ``open_sender(address)``. ``start_at`` (a ``time.perf_counter()``
+    value, the same clock in every process on the host) lets several client processes share one
+    schedule; the default is now."""
     results = [RequestResult(r.index, r.kind, float(a)) for r, a in zip(requests, arrivals)]
-    client = sender if sender is not None else open_sender(address, timeout_s)
+    client = sender if sender is not None else open_sender(address, timeout_s, connections)
     try:
         tasks: list[asyncio.Task] = []
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() if start_at is None else start_at
 
         async def one(i: int) -> None:
             await client.send(requests[i], results[i], t0, timeout_s)

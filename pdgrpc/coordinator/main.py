@@ -22,18 +22,21 @@ log = logging.getLogger(__name__)
 def add_arguments(parser) -> None:
     parser.add_argument("--config", required=True, help="cluster TOML file (see deploy/local.toml)")
     parser.add_argument("--port-base", type=int, default=None, help="fill unset ports from this base")
+    parser.add_argument("--worker", type=int, default=0,
+                        help="this process's index among [coordinator] processes (metrics on metrics_port + worker)")
     parser.add_argument("--grace-s", type=float, default=30.0, help="drain time on SIGTERM")
     parser.add_argument("--store-token", default=os.environ.get("PDGRPC_STORE_TOKEN", ""))
     parser.add_argument("--log-level", default="info")
 
 
-async def serve(cluster: cfgmod.ClusterConfig, grace_s: float, store_token: str) -> int:
+async def serve(cluster: cfgmod.ClusterConfig, grace_s: float, store_token: str, worker: int = 0) -> int:
     c = cluster.coordinator
+    metrics_port = c.worker_metrics_port(worker)
     security = GrpcSecurity.from_env()
     pool = NodePool(list(cluster.nodes), c.health_interval_s, security)
     store = KVStoreClient(cluster.store_address, token=store_token or None)
     router = Router(pool, store, c.max_inflight, c.kv_lease_s)
-    server = new_server(security.interceptors())
+    server = new_server(security.interceptors(), share_port=c.processes > 1)
     name = register(server, CoordinatorServicer(router, cluster.store_address))
     health = add_health_and_reflection(server, [name])
     await set_serving(health, [name], False)
@@ -41,12 +44,13 @@ async def serve(cluster: cfgmod.ClusterConfig, grace_s: float, store_token: str)
         log.error("cannot bind %s:%d", c.host, c.port)
         return 1
     await server.start()
-    metrics.serve_metrics(c.host, c.metrics_port)
+    metrics.serve_metrics(c.host, metrics_port)
     await pool.start()
     router.start()
     # Serving as soon as the coordinator itself works: requests get UNAVAILABLE until nodes are up.
     await set_serving(health, [name], True)
-    print(f"coordinator coordinator listening on {c.host}:{c.port} metrics {c.host}:{c.metrics_port}", flush=True)
+    who = f"coordinator-{worker}" if c.processes > 1 else "coordinator"
+    print(f"coordinator {who} listening on {c.host}:{c.port} metrics {c.host}:{metrics_port}", flush=True)
     sdnotify.notify("READY=1")
     await wait_for_stop_signal()
     sdnotify.notify("STOPPING=1")
@@ -63,7 +67,10 @@ def main(args) -> int:
                         format="%(asctime)s coordinator %(levelname)s %(name)s: %(message)s")
     try:
         cluster = cfgmod.load(args.config, args.port_base)
+        if not 0 <= args.worker < cluster.coordinator.processes:
+            raise cfgmod.ConfigError(f"--worker {args.worker} outside 0-{cluster.coordinator.processes - 1} "
+                                     f"([coordinator] processes = {cluster.coordinator.processes})")
     except cfgmod.ConfigError as exc:
         print(f"pdgrpc coordinator: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(serve(cluster, args.grace_s, args.store_token))
+    return asyncio.run(serve(cluster, args.grace_s, args.store_token, args.worker))
