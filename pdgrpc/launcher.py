@@ -210,13 +210,13 @@ def main(args) -> int:
         for n, proc in started:
             procs.wait_ready(n.name, proc, _grpc_ready, n.address, args.ready_timeout_s)
         c = cluster.coordinator
-        coords = [procs.start(f"coordinator-{k}" if c.processes > 1 else "coordinator",
-                              [sys.executable, "-m", "pdgrpc", "coordinator", "--config", config_path,
-                               "--worker", str(k)]) for k in range(c.processes)]
+        names = [f"coordinator-{k}" if c.processes > 1 else "coordinator" for k in range(c.processes)]
+        coords = [procs.start(name, [sys.executable, "-m", "pdgrpc", "coordinator", "--config", config_path,
+                                     "--worker", str(k)]) for k, name in enumerate(names)]
         # All workers answer health on the one shared port, so each is waited for on its own metrics port
         # (served once its gRPC port is bound), then the port itself.
-        for k, coord in enumerate(coords):
-            procs.wait_ready(f"coordinator {k}", coord, _http_ready, f"{c.host}:{c.worker_metrics_port(k)}",
+        for k, (name, coord) in enumerate(zip(names, coords)):
+            procs.wait_ready(name, coord, _http_ready, f"{c.host}:{c.worker_metrics_port(k)}",
                              args.ready_timeout_s, path="/metrics")
         procs.wait_ready("coordinator", coords[0], _grpc_ready, cluster.coordinator_address, args.ready_timeout_s)
         shape = (f"{len(cluster.nodes)} colocated" if cluster.mode == "colocated" else

@@ -28,9 +28,10 @@ from pdgrpc.client import Client
 from pdgrpc.types import GenerateDelta
 
 
-def _config(mode: str, base: int, engine: str, model: str, dtype: str, cpus_p: list[int], cpus_d: list[int]) -> str:
+def _config(mode: str, base: int, engine: str, model: str, dtype: str, device: str, cpus_p: list[int],
+            cpus_d: list[int]) -> str:
     defaults = f'engine = "{engine}"\n' + (f'model = "{model}"\n' if model else "") + (
-        f'dtype = "{dtype}"\n' if dtype else "")
+        f'dtype = "{dtype}"\n' if dtype else "") + (f'device = "{device}"\n' if device else "")
     text = f'port_base = {base}\nmode = "{mode}"\n[defaults]\n{defaults}'
     if mode == "colocated":
         return text + f"[[colocated]]\ncpus = {cpus_p}\n"
@@ -82,6 +83,7 @@ def main() -> int:
     parser.add_argument("--engine", default="torch")
     parser.add_argument("--model", default="")
     parser.add_argument("--dtype", default="")
+    parser.add_argument("--device", default="", help="cpu (default) or cuda:N for every node")
     parser.add_argument("--lengths", type=int, nargs="+", default=[16, 128, 512])
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--vocab", type=int, default=49152, help="token ids are drawn below this")
@@ -99,7 +101,7 @@ def main() -> int:
     setups = []
     for name, mode, cp, cd in specs:
         base = free_base(taken)
-        setups.append(Setup(name, _config(mode, base, args.engine, args.model, args.dtype, cp, cd), base))
+        setups.append(Setup(name, _config(mode, base, args.engine, args.model, args.dtype, args.device, cp, cd), base))
     try:
         for s in setups:
             s.wait(600)
@@ -113,7 +115,8 @@ def main() -> int:
                 order = setups if rep % 2 == 0 else setups[::-1]
                 for s in order:
                     s.ttft.setdefault(n, []).append(s.measure(clients[s.name], ids, args.gap_s))
-        print(f"\nTTFT, median of {args.reps} (engine {args.engine}, {len(cores)} cores, one request at a time)")
+        where = f"{args.device or 'cpu'}, {len(cores)} cores"
+        print(f"\nTTFT, median of {args.reps} (engine {args.engine}, {where}, one request at a time)")
         print(f"{'prompt tokens':>13} | " + " | ".join(f"{s.name:>14}" for s in setups) + " | "
               + " | ".join(f"{s.name + '/colocated':>24}" for s in setups[1:]))
         base_s = setups[0]
