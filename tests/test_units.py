@@ -138,6 +138,21 @@ def test_config_fills_ports_from_the_base_and_rejects_mistakes(tmp_path):
     assert cfgmod.parse_size("2GB") == 2 * 10**9 and cfgmod.parse_size("1GiB") == 2**30
 
 
+def test_decode_nodes_on_cores_of_their_own_use_them_all():
+    from pdgrpc.launcher import node_command
+
+    def threads(raw):
+        cluster = cfgmod.from_dict(raw, 40000)
+        cmds = {n.name: node_command(n, cluster, []) for n in cluster.nodes}
+        return {k: int(v[v.index("--threads") + 1]) if "--threads" in v else 0 for k, v in cmds.items()}
+
+    # Own cores: all of them; shared with prefill, or unpinned: 0 (the node takes half its allowed cores).
+    assert threads({"prefill": [{"cpus": [0]}], "decode": [{"cpus": [1]}]}) == {"prefill-0": 0, "decode-0": 1}
+    assert threads({"prefill": [{"cpus": [0, 1]}], "decode": [{"cpus": [1]}]})["decode-0"] == 0
+    assert threads({"prefill": [{}], "decode": [{"cpus": [1]}]})["decode-0"] == 0
+    assert threads({"prefill": [{"cpus": [0]}], "decode": [{"cpus": [1], "threads": 3}]})["decode-0"] == 3
+
+
 def test_only_servicers_and_convert_import_pb2_messages():
     allowed = {"convert.py", "servicers.py", "servicer.py"}
     offenders = []
