@@ -369,8 +369,8 @@ def test_promtool_checks_config_and_rules():
 
 # ---- systemd ---------------------------------------------------------------------------------------
 
-UNIT_FILES = ("pdgrpc-kvstore.service", "pdgrpc-coordinator.service", "pdgrpc-prefill@.service",
-              "pdgrpc-decode@.service", "pdgrpc.target")
+UNIT_FILES = ("pdgrpc-kvstore.service", "pdgrpc-coordinator.service", "pdgrpc-coordinator@.service",
+              "pdgrpc-prefill@.service", "pdgrpc-decode@.service", "pdgrpc.target")
 
 
 def test_systemd_analyze_verify_every_unit(tmp_path):
@@ -387,7 +387,8 @@ def test_systemd_analyze_verify_every_unit(tmp_path):
     exe.parent.mkdir(parents=True)
     exe.write_text("#!/bin/sh\nexit 0\n")
     exe.chmod(0o755)
-    instances = ["pdgrpc-kvstore.service", "pdgrpc-coordinator.service", "pdgrpc-prefill@0.service",
+    instances = ["pdgrpc-kvstore.service", "pdgrpc-coordinator.service", "pdgrpc-coordinator@1.service",
+                 "pdgrpc-prefill@0.service",
                  "pdgrpc-prefill@1.service", "pdgrpc-decode@2.service", "pdgrpc-decode@7.service", "pdgrpc.target"]
     res = subprocess.run([analyze, "verify", "--man=no", f"--root={root}", *instances],
                          capture_output=True, text=True, timeout=60, cwd=root / "etc/systemd/system", check=False)
