@@ -239,7 +239,7 @@ def test_paged_blocks_round_trip_and_cpu_layout_probe():
     layout against vLLM's own cache-write kernel (no engine needed)."""
     import torch
 
-    from pdgrpc.engine.vllm_connector import PagedBlocks, probe_cpu_layout
+    from pdgrpc.engine.vllm_paged import PagedBlocks, probe_cpu_layout
 
     assert probe_cpu_layout(torch.float32, 32, 3, 64) in ("vec", "vec16", "neon", "vsx", "vxe", "rvv")
     blocks, heads, bs, dim, tokens, ids = 10, 3, 32, 64, 70, [7, 2, 5]

@@ -12,13 +12,9 @@ through ``SamplingParams.extra_args["kv_transfer_params"]["pdgrpc"]``:
 
 Wire layout (``WIRE_LAYOUT``): one store entry per layer group, ``[layer][k|v][kv_head][token][dim]``
 in the model's dtype for tokens [0, T) of the prompt -- pdgrpc's own KV layout, whatever the paged
-layout of the attention backend and whatever the block size on either side. ``PagedBlocks`` maps
-it to and from vLLM's paged KV: ``CPU_ATTN`` (tested: blocks ``[num_blocks, kv_heads, block_size,
-2*head_dim]``; inside a block and head, K transposed ``[head_dim][block_size]``, then V
-``[block_size][head_dim]``, checked against vLLM's cache-write kernel at start) and the GPU backends that
-keep a token's K and V on the last dim of a logical ``[num_blocks, kv_heads, block_size, 2*head_dim]``
-view in any stride order (``FLASH_ATTN``, ``TRITON_ATTN``, ``FLEX_ATTENTION``: written from vLLM
-0.32's source, not run on a GPU yet). Other backends are refused when the caches are registered.
+layout of the attention backend and whatever the block size on either side. ``vllm_paged.PagedBlocks``
+maps it to and from vLLM's paged KV (the layouts it supports are listed there); other backends are
+refused when the caches are registered.
 
 Protocol, in call order (S: scheduler process, W: worker process):
 
@@ -86,6 +82,7 @@ from vllm.logger import init_logger
 
 from pdgrpc.engine.tensor_pool import TensorPool
 from pdgrpc.engine.vllm_engine import PARAMS_KEY, WIRE_LAYOUT
+from pdgrpc.engine.vllm_paged import LAYOUT_MODES, PagedBlocks, probe_cpu_layout
 from pdgrpc.kvstore import arena as arenas
 from pdgrpc.kvstore import shm
 
@@ -93,7 +90,6 @@ log = init_logger("vllm.gswarm_connector")  # under "vllm": vLLM's log handlers 
 
 SHM_MIN_BYTES = 256 << 10
 MIN_GROUP_BYTES = 2 << 20  # short prompts go out in fewer, larger groups (as the torch engine does)
-_LAYOUT_MODES = {"CPU_ATTN": "cpu", "FLASH_ATTN": "kv_last", "TRITON_ATTN": "kv_last", "FLEX_ATTENTION": "kv_last"}
 
 
 class TransferState(enum.Enum):
@@ -112,93 +108,12 @@ class StoreError(Exception):
         self.code = code
 
 
-# ---- wire layout <-> paged blocks ---------------------------------------------------------------
+# ---- layer groups ------------------------------------------------------------------------------
 
 def layer_groups(num_layers: int, bytes_per_layer: int, layers_per_group: int) -> list[tuple[int, int]]:
     """Layer ranges published as one entry each: ``layers_per_group`` layers, or more for short prompts."""
     per = max(1, layers_per_group, -(-MIN_GROUP_BYTES // max(1, bytes_per_layer)))
     return [(s, min(s + per, num_layers)) for s in range(0, num_layers, per)]
-
-
-def _permute(x, order):
-    return x.permute(*order) if isinstance(x, torch.Tensor) else x.transpose(order)
-
-
-def _copy(dst, src) -> None:
-    if isinstance(dst, torch.Tensor):
-        dst.copy_(src)
-    else:
-        dst[...] = src
-
-
-def _views(cache, mode: str, block_size: int, heads: int, dim: int):
-    """K and V of a layer's paged cache, each as a ``[block][kv_head][token_in_block][dim]`` view."""
-    nb = cache.shape[0]
-
-    def reshape(x, shape):
-        return x.view(*shape) if isinstance(x, torch.Tensor) else x.reshape(shape)
-
-    if mode == "cpu":  # per block and head: K transposed ([dim][token]), then V ([token][dim])
-        k = _permute(reshape(cache, (nb, heads, 2, dim, block_size))[:, :, 0], (0, 1, 3, 2))
-        v = reshape(cache, (nb, heads, 2, block_size, dim))[:, :, 1]
-        return k, v
-    kv = reshape(cache, (nb, heads, block_size, 2, dim))  # "kv_last": a token's K, then its V
-    return kv[:, :, :, 0], kv[:, :, :, 1]
-
-
-class PagedBlocks:
-    """One layer's paged KV cache, copied to and from the wire layout ``[k|v][kv_head][token][dim]``."""
-
-    def __init__(self, cache, mode: str, block_size: int, num_kv_heads: int, head_dim: int) -> None:
-        self.kv = _views(cache, mode, block_size, num_kv_heads, head_dim)
-        self.block_size = block_size
-
-    def gather(self, block_ids: list[int], num_tokens: int, out) -> None:
-        """Copy tokens [0, num_tokens) held in ``block_ids`` into ``out`` ([2, heads, tokens, dim])."""
-        bs, full = self.block_size, num_tokens // self.block_size
-        _, heads, _, dim = out.shape
-        for src, dst in zip(self.kv, out):
-            if full:
-                _copy(dst[:, :full * bs].reshape(heads, full, bs, dim),
-                      _permute(src[self._index(block_ids[:full])], (1, 0, 2, 3)))
-            if num_tokens > full * bs:
-                _copy(dst[:, full * bs:num_tokens], src[block_ids[full], :, :num_tokens - full * bs])
-
-    def scatter(self, block_ids: list[int], data, first_token: int = 0) -> None:
-        """Write tokens [first_token, T) of ``data`` ([2, heads, T, dim]) into ``block_ids``;
-        ``first_token`` is block-aligned (the blocks before it are a local prefix hit: left alone)."""
-        bs, num_tokens = self.block_size, data.shape[2]
-        first, full = first_token // bs, num_tokens // bs
-        _, heads, _, dim = data.shape
-        for dst, src in zip(self.kv, data):
-            if full > first:
-                part = src[:, first * bs:full * bs].reshape(heads, full - first, bs, dim)
-                dst[self._index(block_ids[first:full])] = _permute(part, (1, 0, 2, 3))
-            if num_tokens > full * bs:
-                dst[block_ids[full], :, :num_tokens - full * bs] = src[:, full * bs:]
-
-    def _index(self, ids: list[int]):
-        k = self.kv[0]
-        return torch.tensor(ids, dtype=torch.long, device=k.device) if isinstance(k, torch.Tensor) else ids
-
-
-def probe_cpu_layout(dtype: torch.dtype, block_size: int, heads: int, dim: int) -> str:
-    """Check ``_views``' CPU layout against the kernel that writes the cache (its packing depends on
-    the ISA it picks: AMX packs bf16 differently); return the ISA, or raise if the layout differs."""
-    from vllm import _custom_ops as ops
-    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
-
-    isa = _get_attn_isa(dtype, block_size, dim)
-    cache = torch.zeros(2, heads, block_size, 2 * dim, dtype=dtype)
-    key_cache, value_cache = cache.view(2, heads, 2 * block_size, dim).chunk(2, dim=2)
-    n = block_size + block_size // 2
-    key, value = torch.randn(2, n, heads, dim).to(dtype)
-    ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, torch.arange(n), isa)
-    out = torch.empty(2, heads, n, dim, dtype=dtype)
-    PagedBlocks(cache, "cpu", block_size, heads, dim).gather([0, 1], n, out)
-    if not (torch.equal(out[0], key.transpose(0, 1)) and torch.equal(out[1], value.transpose(0, 1))):
-        raise ValueError(f"GswarmConnector: the CPU KV cache layout of ISA {isa!r} ({dtype}) is not supported")
-    return isa
 
 
 # ---- a small synchronous client of the store (worker processes have no event loop of ours) ------
@@ -478,7 +393,7 @@ class GswarmConnector(KVConnectorBase_V1):
         for name, cache in kv_caches.items():
             layer = ctx.get(name)
             backend = layer.attn_backend.get_name() if layer is not None and hasattr(layer, "attn_backend") else "?"
-            mode = _LAYOUT_MODES.get(backend)
+            mode = LAYOUT_MODES.get(backend)
             if mode is None or cache.dim() != 4 or cache.shape[2] != self.block_size:
                 raise ValueError(f"GswarmConnector: attention backend {backend} with KV cache shape "
                                  f"{tuple(cache.shape)} is not supported (block size {self.block_size})")
