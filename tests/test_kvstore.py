@@ -783,3 +783,104 @@ async def test_arena_reservation_is_put_without_a_copy(arena_store):
         assert got == payload[:4096]
         del got, other
         assert await client.release_owner("req-rs") == 3
+
+
+# ---- split copies and checksums, get_into, the arena commit connection ------------------------------
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4097, 3 * 4096 + 17, 1 << 20])
+def test_split_copy_and_checksum_match_zlib(monkeypatch, size):
+    monkeypatch.setattr(shm, "SPLIT_MIN_BYTES", 4096)  # small sizes take the two-thread path too
+    src = os.urandom(size)
+    dst = bytearray(size)
+    assert arena.copy_with_crc(memoryview(dst), memoryview(src)) == zlib.crc32(src)
+    assert dst == src
+    assert shm.checksum_split(src).run() == zlib.crc32(src)
+    sent = []
+    assert arena.copy_with_crc(memoryview(bytearray(size)), memoryview(src), first=lambda: sent.append(1)) \
+        == zlib.crc32(src)
+    assert sent == [1]
+
+
+def test_split_does_the_helpers_half_when_it_is_busy(monkeypatch):
+    import threading
+
+    monkeypatch.setattr(shm, "SPLIT_MIN_BYTES", 4096)
+    gate = threading.Event()
+    blocker = shm._helper_pool().submit(gate.wait, 10)  # the helper thread is busy elsewhere
+    try:
+        data = os.urandom(1 << 16)
+        assert shm.checksum_split(data).run() == zlib.crc32(data)  # done here, not queued behind it
+    finally:
+        gate.set()
+        blocker.result()
+
+
+def test_split_waits_for_the_helper_when_its_own_half_fails(monkeypatch):
+    import threading
+
+    monkeypatch.setattr(shm, "SPLIT_MIN_BYTES", 2)
+    started, done = threading.Event(), threading.Event()
+
+    def work(start, end):
+        if start == 0:
+            assert started.wait(5)  # fail only once the helper is at work on its half
+            raise OSError("first half failed")
+        started.set()
+        time.sleep(0.05)
+        done.set()
+        return 0
+
+    with pytest.raises(OSError, match="first half"):
+        shm.SplitCrc(8, work).run()
+    assert done.is_set()  # the caller's buffers were in use until the helper finished
+
+
+async def test_get_into_copies_and_verifies_in_one_pass(arena_store, monkeypatch):
+    monkeypatch.setattr(shm, "SPLIT_MIN_BYTES", 1 << 20)  # the 3 MB put below is split too
+    async with _arena_client(arena_store.address, arena_bytes=8 << 20) as client:
+        for key, size in [("gi-small", 300 * 1024), ("gi-big", 3 << 20)]:
+            payload = os.urandom(size)
+            put = await client.put(key, payload, owner="req-gi", lease_s=60)
+            assert arena.is_arena_name(put.shm_name) and put.crc32 == zlib.crc32(payload)
+            desc = {"shm_name": put.shm_name, "size": put.size, "crc32": put.crc32, "shm_offset": put.shm_offset}
+            dst = bytearray(size)
+            assert await client.get_into(key, dst, **desc) == size and dst == payload
+            with pytest.raises(InvalidArgument, match="holds"):
+                await client.get_into(key, bytearray(size - 1), **desc)
+            with pytest.raises(InvalidArgument, match="read-only"):
+                await client.get_into(key, bytes(size), **desc)
+            with pytest.raises(InvalidArgument, match="contiguous"):
+                await client.get_into(key, "not a buffer", **desc)
+            with pytest.raises(DataLoss):
+                await client.get_into(key, bytearray(size), **{**desc, "crc32": put.crc32 ^ 1})
+            with open(os.path.join(shm.SHM_DIR, put.shm_name), "r+b") as f:  # a buggy writer scribbles
+                f.seek(put.shm_offset + size - 8)
+                f.write(bytes(b ^ 0xFF for b in payload[-8:]))
+            with pytest.raises(DataLoss):
+                await client.get_into(key, bytearray(size), **desc)
+        # other paths: fetched as by get, then copied into dst
+        payload = os.urandom(5000)
+        await client.put("gi-http", payload, owner="req-gi", lease_s=60)
+        dst = bytearray(5000)
+        assert await client.get_into("gi-http", dst, size=5000, crc32=zlib.crc32(payload)) == 5000
+        assert dst == payload
+        assert await client.release_owner("req-gi") == 3
+
+
+async def test_arena_commits_carry_the_token(tmp_path):
+    guarded = StoreProcess(tmp_path, "--token", TOKEN)
+    try:
+        async with KVStoreClient(guarded.address, token=TOKEN, use_shm=True, shm_min_bytes=0,
+                                 shm_arena_bytes=2 << 20) as client:
+            payload = os.urandom(3 << 19)  # 1.5 MB: a commit from a worker thread on its own connection
+            put = await client.put("tk1", payload, owner="o", lease_s=60)
+            assert arena.is_arena_name(put.shm_name)
+            got = await client.get("tk1", shm_name=put.shm_name, size=put.size, crc32=put.crc32,
+                                   shm_offset=put.shm_offset)
+            assert got == payload
+            del got
+            assert await client.release("tk1")
+    finally:
+        assert guarded.stop() == 0
+    with pytest.raises(InvalidArgument, match="control characters"):
+        KVStoreClient(guarded.address, token="abc\r\nX-Injected: 1")

@@ -5,7 +5,8 @@ commit in the store) and fetch it (``get``: read, verify the checksum), timed to
   shm     same host: the writer copies the bytes into a region of its pre-faulted shm arena (CRC while
           copying) and records it in the store; the reader gets a zero-copy view and verifies the CRC
           (KVStoreClient, use_shm). Also timed: the reader's copy of the view into a buffer of its own
-          (decode's KV cache), reported as "shm + copy out" — the two copies a real hand-off makes
+          (decode's KV cache), reported as "shm + copy out" — the two copies a real hand-off makes —
+          and ``get_into`` of the same entry, which makes that copy and checks the CRC in one pass
   binary  raw bytes over HTTP (PUT/GET /v1/kv/{key}, CRC-32 header; KVStoreClient, use_shm off)
   json    gswarm's JSON API with base64 (POST /write_extended type "base64", GET /read_extended/{key})
   memcpy  one plain copy of the same bytes into an already allocated buffer (numpy.copyto), timed in
@@ -83,10 +84,13 @@ class JsonPath:
         await self.session.close()
 
 
-async def _handoff(path: str, clients: dict, data: bytes, crc: int, dst: np.ndarray) -> tuple[float, float, float]:
-    """(publish, fetch, copy-out seconds) of one hand-off over ``path``; the entry is released after.
-    Copy-out is the reader's copy of a zero-copy view into ``dst`` (0 for paths that return bytes)."""
-    copy_s = 0.0
+async def _handoff(path: str, clients: dict, data: bytes, crc: int,
+                   dst: np.ndarray) -> tuple[float, float, float, float]:
+    """(publish, fetch, copy-out, fetch-into seconds) of one hand-off over ``path``; the entry is
+    released after. Copy-out is the reader's copy of a zero-copy view into ``dst``; fetch-into is
+    ``get_into(dst)`` of the same entry, copy and CRC check in one pass (both 0 for paths that
+    return bytes)."""
+    copy_s = into_s = 0.0
     key = f"bench-{path}-{uuid.uuid4().hex[:12]}"
     if path == "json":
         j: JsonPath = clients["json"]
@@ -106,13 +110,18 @@ async def _handoff(path: str, clients: dict, data: bytes, crc: int, dst: np.ndar
         if isinstance(got, memoryview):
             np.copyto(dst, np.frombuffer(got, dtype=np.uint8))
             copy_s = time.perf_counter() - t2
+            # What a reader that keeps its own copy can do instead: copy and verify in one pass.
+            t3 = time.perf_counter()
+            await c.get_into(key, dst, shm_name=put.shm_name, size=put.size, crc32=put.crc32,
+                             shm_offset=put.shm_offset)
+            into_s = time.perf_counter() - t3
         await c.release(key)
         if path == "shm" and not put.shm_name:
             raise RuntimeError("the shm path did not use a shared-memory segment")
     if len(got) != len(data):
         raise RuntimeError(f"{path}: got {len(got)} bytes back, sent {len(data)}")
     del got
-    return t1 - t0, t2 - t1, copy_s
+    return t1 - t0, t2 - t1, copy_s, into_s
 
 
 def _time(fn, reps: int) -> float:
@@ -169,7 +178,7 @@ async def _run(args, address: str) -> dict:
             dst = np.empty_like(src)
             np.copyto(dst, src)  # fault the destination in: memcpy into an existing buffer
             reps = _reps(size, args.reps)
-            times: dict[str, list[tuple[float, float, float]]] = {p: [] for p in paths}
+            times: dict[str, list[tuple[float, float, float, float]]] = {p: [] for p in paths}
             memcpy: list[float] = []
             for path in paths:  # one untimed round: connections, first-touch of the store's pages
                 if path != "json" or size <= args.json_max_mb * MB:
@@ -191,16 +200,19 @@ async def _run(args, address: str) -> dict:
             for path, ts in times.items():
                 if not ts:
                     continue
-                total = statistics.median(a + b for a, b, _ in ts)
+                total = statistics.median(a + b for a, b, _, _ in ts)
                 row["paths"][path] = {
-                    "handoff_s": total, "publish_s": statistics.median(a for a, _, _ in ts),
-                    "fetch_s": statistics.median(b for _, b, _ in ts), "reps": len(ts),
+                    "handoff_s": total, "publish_s": statistics.median(a for a, _, _, _ in ts),
+                    "fetch_s": statistics.median(b for _, b, _, _ in ts), "reps": len(ts),
                     "gb_s": size / total / 1e9, "ratio_to_memcpy": memcpy_s / total}
-                if any(c for _, _, c in ts):
-                    with_copy = statistics.median(a + b + c for a, b, c in ts)
-                    row["paths"][path].update(copy_out_s=statistics.median(c for _, _, c in ts),
+                if any(c for _, _, c, _ in ts):
+                    with_copy = statistics.median(a + b + c for a, b, c, _ in ts)
+                    into = statistics.median(a + i for a, _, _, i in ts)
+                    row["paths"][path].update(copy_out_s=statistics.median(c for _, _, c, _ in ts),
                                               handoff_with_copy_out_s=with_copy,
-                                              ratio_with_copy_out=memcpy_s / with_copy)
+                                              ratio_with_copy_out=memcpy_s / with_copy,
+                                              fetch_into_s=statistics.median(i for _, _, _, i in ts),
+                                              handoff_fetch_into_s=into, ratio_fetch_into=memcpy_s / into)
             rows.append(row)
             del data, src, dst
     finally:
@@ -243,6 +255,12 @@ def print_table(report: dict) -> None:
                   f"fetch {r['fetch_s'] * 1000:.2f} ms, "
                   f"copy out {r['copy_out_s'] * 1000:.2f} ms | {r['handoff_with_copy_out_s'] * 1000:.2f} ms "
                   f"{r['ratio_with_copy_out']:.2f}x memcpy")
+        print("shm, publish + get_into (the reader's copy and the CRC check in one pass):")
+        for row in shm_rows:
+            r = row["paths"]["shm"]
+            print(f"{row['size_mb']:>5g} MB | publish {r['publish_s'] * 1000:.2f} ms, "
+                  f"get_into {r['fetch_into_s'] * 1000:.2f} ms | {r['handoff_fetch_into_s'] * 1000:.2f} ms "
+                  f"{r['ratio_fetch_into']:.2f}x memcpy")
     print("\ncomponents (median ms): checksum, shm segment write, shm segment read, copy into a new buffer")
     for row in report["rows"]:
         c = row["components_s"]
