@@ -217,6 +217,20 @@ def test_tiny_batch_with_joins_equals_singles(tiny):
     assert tiny._batch is None  # everything freed: no batch buffer kept
 
 
+def test_tiny_batch_changes_in_place_equal_singles(tiny):
+    """Shorter newcomers join the running batch in spare rows and a member leaving from the middle has
+    the last row moved into its place: no full rebuild, and every sequence still decodes as alone."""
+    prompts = [tiny.tokenizer.encode(p) for p in ("a long first prompt, " * 6, "short", "mid length prompt", "x")]
+    alone = [run_alone(tiny, ids, 16) for ids in prompts]
+    before = dict(tiny.batch_changes)
+    batched = run_joining_batch(tiny, prompts, joins=[0, 2, 3, 5], leave={1: 6}, steps=15)
+    for ours, ref in zip(batched, alone):
+        assert len(ours) >= 6 and ours == ref[:len(ours)]
+    changes = {k: tiny.batch_changes[k] - before[k] for k in before}
+    assert changes == {"in_place": 4, "rebuilt": 1}, changes  # the first batch, then 3 joins and 1 leave
+    assert tiny._batch is None
+
+
 def test_tiny_seeded_sampling(tiny):
     ids = tiny.tokenizer.encode("sample me")
     s7 = SamplingParams(max_tokens=20, temperature=1.0, top_k=100, top_p=0.95, seed=7, ignore_eos=True)

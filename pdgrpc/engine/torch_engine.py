@@ -279,6 +279,8 @@ class TorchEngine(Engine):
         self.sampler = Sampler()
         self._serials = itertools.count(1)
         self._batch: DecodeBatch | None = None
+        # How decode batches changed membership: in place (a row or two copied) or rebuilt (all rows).
+        self.batch_changes = {"in_place": 0, "rebuilt": 0}
         self.pool = TensorPool()  # decode batch and sequence KV buffers, reused (see TensorPool)
         # Where prefill packs each KV group: a provider of writable buffers (a prefill node sets the
         # store client's reserve, so the bytes land in shared memory in one copy); None: bytearrays.
@@ -463,36 +465,68 @@ class TorchEngine(Engine):
 
     def _decode_step(self, seqs: list[SequenceState]) -> list[SampledToken]:
         with torch.inference_mode():
-            batch = self._batch
-            if batch is None or batch.key != tuple(s.serial for s in seqs):
-                batch = self._rebuild(seqs)
+            batch = self._batch_for(seqs)
             batch.ensure_room(1)
-            input_ids = torch.tensor([[s.last_token] for s in seqs], dtype=torch.long, device=self.device)
-            position_ids = torch.tensor([[s.length] for s in seqs], dtype=torch.long, device=self.device)
+            rows = batch.seqs  # the batch's row order, not necessarily the caller's
+            input_ids = torch.tensor([[s.last_token] for s in rows], dtype=torch.long, device=self.device)
+            position_ids = torch.tensor([[s.length] for s in rows], dtype=torch.long, device=self.device)
             out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=batch.attention_mask(),
                              use_cache=True, logits_to_keep=1, **{self._cache_kw: batch.cache()})
             batch.length += 1
-            for s in seqs:
+            for s in rows:
                 s.length += 1
             # The new token's absolute index is the cache length after this step.
-            tokens = self.sampler.sample(out.logits[:, -1], [s.work.sampling for s in seqs],
-                                         [s.length for s in seqs])
-        for s, t in zip(seqs, tokens):
+            tokens = self.sampler.sample(out.logits[:, -1], [s.work.sampling for s in rows],
+                                         [s.length for s in rows])
+        by_serial = {}
+        for s, t in zip(rows, tokens):
             s.last_token = t.token_id
-        return tokens
+            by_serial[s.serial] = t
+        return [by_serial[s.serial] for s in seqs]
+
+    def _batch_for(self, seqs: list[SequenceState]) -> DecodeBatch:
+        """The batch for this step's members: the current one changed in place where possible."""
+        old = self._batch
+        members = {s.serial for s in seqs}
+        if old is not None and old.members == members:
+            return old
+        if old is not None:
+            joining = [s for s in seqs if s.batch is not old]
+            staying = len(seqs) - len(joining)
+            longest = max(s.length for s in seqs)
+            # In place: newcomers fit under the padded length, rows suffice, and the padding left
+            # by sequences that finished is not most of the batch (it is computed on every step).
+            if (staying and all(old.can_add(s, len(joining)) for s in joining)
+                    and old.length <= 2 * longest + 64):
+                for s in [s for s in old.seqs if s.serial not in members]:
+                    self._leave(old, s)
+                for s in joining:
+                    old.add(s)
+                    self.pool.give(s.kv_base)  # its KV now lives in the batch
+                    s.kv, s.kv_base = None, None
+                self.batch_changes["in_place"] += 1
+                return old
+        self.batch_changes["rebuilt"] += 1
+        return self._rebuild(seqs)
+
+    def _leave(self, batch: DecodeBatch, seq: SequenceState) -> None:
+        """Take a sequence out of the batch; one still alive gets its own copy of its KV back."""
+        if not seq.freed:
+            view = kv_view(seq)
+            seq.kv, seq.kv_base = self.pool.take(tuple(view.shape), view.dtype, view.device)
+            seq.kv.copy_(view)
+        batch.remove(seq)
 
     def _rebuild(self, seqs: list[SequenceState]) -> DecodeBatch:
-        """A new batch for this membership; sequences leaving the old one get their own copy back."""
+        """A new batch for this membership (every row copied); sequences leaving the old one get their
+        own copy back."""
         old = self._batch
         new = DecodeBatch(seqs, self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device, self.pool)
         members = {s.serial for s in seqs}
         if old is not None:
-            for s in old.seqs:
-                if not s.freed and s.serial not in members and s.batch is old:
-                    view = kv_view(s)
-                    s.kv, s.kv_base = self.pool.take(tuple(view.shape), view.dtype, view.device)
-                    s.kv.copy_(view)
-                    s.batch, s.row = None, -1
+            for s in list(old.seqs):
+                if s.serial not in members and s.batch is old:
+                    self._leave(old, s)
             old.release()
         for row, s in enumerate(seqs):
             self.pool.give(s.kv_base)  # its KV now lives in the batch

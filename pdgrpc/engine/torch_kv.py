@@ -128,50 +128,98 @@ class SequenceState:
 
 
 class DecodeBatch:
-    """The left-padded KV of the sequences decoded together, grown in place step by step."""
+    """The left-padded KV of the sequences decoded together, grown in place step by step.
+
+    Membership changes are incremental where they can be: a sequence that leaves has the last row
+    moved into its place (one row copied), a sequence no longer than the batch joins in a spare row
+    (its own KV copied, left-padded). Only a longer newcomer, a full buffer or much padding left by
+    long sequences that finished needs a new batch (every row copied): with KV of hundreds of MB,
+    that copy stalls every decoding sequence for tens of milliseconds.
+    """
+
+    SPARE_ROWS = 4  # rows for newcomers; unused rows cost address space, not memory, until written
 
     def __init__(self, seqs: list[SequenceState], layers: int, heads: int, dim: int, dtype: torch.dtype,
                  device: torch.device, pool: TensorPool) -> None:
         self.seqs = list(seqs)
-        self.key = tuple(s.serial for s in seqs)
         self.length = max(s.length for s in seqs)  # columns in use (common padded length)
         self.pool = pool
         cap = self._capacity(self.length)
-        b = len(seqs)
+        rows = len(seqs) + self.SPARE_ROWS
         # Uninitialised (pooled): only the padding must be zeros (masked, but NaN * 0 is NaN);
         # columns past `length` are written by each step before anything reads them.
-        buf, self._base = pool.take((layers, 2, b, heads, cap, dim), dtype, device)
-        mask = torch.ones(b, cap, dtype=torch.long, device=device)
-        for row, s in enumerate(seqs):
-            pad = self.length - s.length
-            buf[:, :, row, :, :pad].zero_()
-            buf[:, :, row, :, pad:self.length].copy_(kv_view(s))
-            mask[row, :pad] = 0
-        self.buf, self.mask = buf, mask
-        self.padded = any(s.length != self.length for s in seqs)
+        self.buf, self._base = pool.take((layers, 2, rows, heads, cap, dim), dtype, device)
+        self.mask = torch.ones(rows, cap, dtype=torch.long, device=device)
+        for row, s in enumerate(self.seqs):
+            self._fill_row(row, kv_view(s))
+        self._update_padded()
 
     @staticmethod
     def _capacity(length: int) -> int:
         return length + max(32, length // 4)
 
+    @property
+    def members(self) -> frozenset[int]:
+        return frozenset(s.serial for s in self.seqs)
+
+    @property
+    def rows(self) -> int:
+        return self.buf.shape[2]
+
+    def _fill_row(self, row: int, kv: torch.Tensor) -> None:
+        """Row ``row`` holds ``kv`` ([L, 2, H, T, D], T <= length) right-aligned, zeros before it."""
+        pad = self.length - kv.shape[-2]
+        self.buf[:, :, row, :, :pad].zero_()
+        self.buf[:, :, row, :, pad:self.length].copy_(kv)
+        self.mask[row].fill_(1)
+        self.mask[row, :pad] = 0
+
+    def _update_padded(self) -> None:
+        self.padded = any(s.length != self.length for s in self.seqs)
+
+    def can_add(self, seq: SequenceState, spare: int) -> bool:
+        return seq.length <= self.length and len(self.seqs) + spare <= self.rows
+
+    def add(self, seq: SequenceState) -> None:
+        """Put a sequence that holds its own KV (``seq.kv``) into the next free row."""
+        row = len(self.seqs)
+        self._fill_row(row, kv_view(seq))
+        self.seqs.append(seq)
+        seq.batch, seq.row = self, row
+        self._update_padded()
+
+    def remove(self, seq: SequenceState) -> None:
+        """Drop a member's row (its KV is gone from the batch: copy it out first if it is still needed)."""
+        row, last = seq.row, len(self.seqs) - 1
+        if row != last:  # the last row moves into the hole: one row copied, the batch stays dense
+            moved = self.seqs[last]
+            self.buf[:, :, row, :, :self.length].copy_(self.buf[:, :, last, :, :self.length])
+            self.mask[row].copy_(self.mask[last])
+            self.seqs[row], moved.row = moved, row
+        self.seqs.pop()
+        seq.batch, seq.row = None, -1
+        self._update_padded()
+
     def ensure_room(self, extra: int = 1) -> None:
         if self.length + extra <= self.buf.shape[-2]:
             return
         cap = self._capacity(self.length + extra)
+        b = len(self.seqs)
         buf, base = self.pool.take((*self.buf.shape[:-2], cap, self.buf.shape[-1]), self.buf.dtype, self.buf.device)
-        buf[..., :self.length, :].copy_(self.buf[..., :self.length, :])
+        buf[:, :, :b, :, :self.length].copy_(self.buf[:, :, :b, :, :self.length])
         mask = torch.ones(self.mask.shape[0], cap, dtype=self.mask.dtype, device=self.mask.device)
-        mask[:, :self.length].copy_(self.mask[:, :self.length])
+        mask[:b, :self.length].copy_(self.mask[:b, :self.length])
         self.pool.give(self._base)
         self.buf, self.mask, self._base = buf, mask, base
 
     def cache(self) -> Cache:
-        return Cache(layers=[BufferLayer(self.buf[i, 0], self.buf[i, 1], self.length)
+        b = len(self.seqs)
+        return Cache(layers=[BufferLayer(self.buf[i, 0, :b], self.buf[i, 1, :b], self.length)
                              for i in range(self.buf.shape[0])])
 
     def attention_mask(self) -> torch.Tensor | None:
         """[B, length + 1] for the step about to run, or None when no row is padded."""
-        return self.mask[:, :self.length + 1] if self.padded else None
+        return self.mask[:len(self.seqs), :self.length + 1] if self.padded else None
 
     def release(self) -> None:
         self.buf = self.mask = None  # type: ignore[assignment]
