@@ -122,7 +122,9 @@ def start_copy_with_crc(dst: memoryview, src: memoryview) -> shm.SplitCrc:
     d = np.frombuffer(dst, dtype=np.uint8).ctypes.data
     s = np.frombuffer(src, dtype=np.uint8).ctypes.data
 
-    def copy_range(begin: int, end: int) -> int:
+    # The raw addresses below do not keep the buffers alive; the default argument does, for as long as
+    # either thread may still run this (a cancelled put's caller can drop its own references first).
+    def copy_range(begin: int, end: int, _keep: tuple = (dst, src)) -> int:
         crc = 0
         for start in range(begin, end, _COPY_CHUNK):
             length = min(_COPY_CHUNK, end - start)
