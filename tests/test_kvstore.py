@@ -884,3 +884,28 @@ async def test_arena_commits_carry_the_token(tmp_path):
         assert guarded.stop() == 0
     with pytest.raises(InvalidArgument, match="control characters"):
         KVStoreClient(guarded.address, token="abc\r\nX-Injected: 1")
+
+
+def test_sync_client_fills_reserved_arena_regions_in_place(store):
+    """SyncStore (vLLM's worker processes): a reserved region filled in place is committed without a
+    copy and read back zero-copy with its CRC; an abandoned reservation goes back to the allocator."""
+    from pdgrpc.kvstore.sync_client import SHM_MIN_BYTES, SyncStore
+
+    writer, reader = SyncStore(store, None, use_shm=True), SyncStore(store, None, use_shm=True)
+    assert writer.reserve(SHM_MIN_BYTES) is None  # no arena yet: the caller uses a buffer of its own
+    assert writer.open_arena()
+    assert writer.reserve(SHM_MIN_BYTES - 1) is None  # too small to be worth a region
+    data = os.urandom(SHM_MIN_BYTES + 12345)
+    r = writer.reserve(len(data))
+    r.view[:] = data
+    answer = writer.put_reserved("sync-reserved", r, "sync-owner", 30.0)
+    assert answer["shm_offset"] == r.offset and answer["crc32"] == zlib.crc32(data)
+    got = reader.get("sync-reserved", answer["shm_name"], len(data), answer["crc32"], answer["shm_offset"])
+    assert isinstance(got, memoryview) and bytes(got) == data
+    del got
+    free_before = r.arena[2].free_bytes
+    spare = writer.reserve(len(data))
+    assert r.arena[2].free_bytes < free_before
+    writer.abandon(spare)
+    assert r.arena[2].free_bytes == free_before
+    writer.release("sync-reserved")

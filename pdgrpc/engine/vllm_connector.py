@@ -23,10 +23,11 @@ Producer (prefill node)
   S build_connector_meta        a SaveJob for each opted-in request whose prompt completes in this step
                                  (its block ids, prompt length, owner, key prefix, layer groups)
   W save_kv_layer(layer)        as the forward runs: copy the layer's prompt KV out of its paged blocks
-                                 into the group buffer; a complete group goes to the put thread
-                                 (same host: one copy into this worker's shm arena, CRC while copying,
-                                 a segment of its own when the arena is full; else HTTP PUT) while the
-                                 next layers compute                                  SAVING
+                                 into its group's buffer, which on the same host is a region reserved
+                                 in this worker's shm arena (else a pooled buffer); a complete group
+                                 goes to the put thread (arena region: CRC and commit, no copy; buffer:
+                                 one copy into the arena, a segment of its own when the arena is full,
+                                 or HTTP PUT) while the next layers compute             SAVING
   W wait_for_save               wait until every put of the step is in the store: the blocks are
                                  never freed before the save is complete            SAVED | FAILED
   W build_connector_worker_meta the put results (key, size, crc32, shm name, lease expiry) or the error
@@ -60,15 +61,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import enum
-import http.client
-import json
 import os
 import re
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote, urlencode
 
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -83,12 +80,10 @@ from vllm.logger import init_logger
 from pdgrpc.engine.tensor_pool import TensorPool
 from pdgrpc.engine.vllm_engine import PARAMS_KEY, WIRE_LAYOUT
 from pdgrpc.engine.vllm_paged import LAYOUT_MODES, PagedBlocks, probe_cpu_layout
-from pdgrpc.kvstore import arena as arenas
-from pdgrpc.kvstore import shm
+from pdgrpc.kvstore.sync_client import Reservation, StoreError, SyncStore
 
 log = init_logger("vllm.gswarm_connector")  # under "vllm": vLLM's log handlers apply
 
-SHM_MIN_BYTES = 256 << 10
 MIN_GROUP_BYTES = 2 << 20  # short prompts go out in fewer, larger groups (as the torch engine does)
 
 
@@ -102,11 +97,6 @@ class TransferState(enum.Enum):
     RELEASED = "released"  # the store entries were released (aborted request, or loaded)
 
 
-class StoreError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
 
 # ---- layer groups ------------------------------------------------------------------------------
 
@@ -114,194 +104,6 @@ def layer_groups(num_layers: int, bytes_per_layer: int, layers_per_group: int) -
     """Layer ranges published as one entry each: ``layers_per_group`` layers, or more for short prompts."""
     per = max(1, layers_per_group, -(-MIN_GROUP_BYTES // max(1, bytes_per_layer)))
     return [(s, min(s + per, num_layers)) for s in range(0, num_layers, per)]
-
-
-# ---- a small synchronous client of the store (worker processes have no event loop of ours) ------
-
-class SyncStore:
-    """PUT/GET /v1/kv/{key}, shm adoption, DELETE /release/{key} and /v1/owner/{owner}."""
-
-    def __init__(self, address: str, token: str | None, use_shm: bool, timeout_s: float = 30.0,
-                 arena_bytes: int = 256 << 20) -> None:
-        self.address = address
-        self.host, port = address.rsplit(":", 1)
-        self.port = int(port)
-        self.use_shm = use_shm and shm.shm_available()
-        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._timeout = timeout_s
-        self._local = threading.local()
-        # Same-host writes go to a pre-faulted shm arena (pdgrpc.kvstore.arena), as the async client's do.
-        self.arena_bytes = arena_bytes if self.use_shm else 0
-        self._arena: tuple[str, Any, arenas.RegionAllocator] | None = None  # name, mapping, regions
-        self._arena_retry_at = 0.0
-        self._lock = threading.Lock()  # arena creation and the reader's mappings (the allocator has its own)
-        self._reader = arenas.ArenaReader()
-
-    def _request(self, method: str, path: str, body=None, headers: dict | None = None,
-                 meanwhile=None) -> tuple[int, dict, bytes]:
-        """One request on this thread's keep-alive connection; ``meanwhile()`` (if given) runs after
-        the request went out and before the answer is read, so the store works while we do."""
-        for attempt in (0, 1):
-            conn = getattr(self._local, "conn", None)
-            if conn is None:
-                conn = self._local.conn = http.client.HTTPConnection(self.host, self.port, timeout=self._timeout)
-            try:
-                conn.request(method, path, body=body, headers={**self._headers, **(headers or {})})
-                if meanwhile is not None:
-                    meanwhile()
-                    meanwhile = None  # a retry only resends the request
-                resp = conn.getresponse()
-                return resp.status, dict(resp.getheaders()), resp.read()
-            except (OSError, http.client.HTTPException) as exc:
-                conn.close()
-                self._local.conn = None
-                if attempt:  # a stale keep-alive connection gets one retry
-                    raise StoreError("UNAVAILABLE", f"kv store {self.address} unreachable: {exc!r}") from None
-        raise AssertionError("unreachable")
-
-    def _check(self, status: int, body: bytes, what: str) -> dict:
-        if status < 400:
-            return json.loads(body) if body else {}
-        try:
-            message = json.loads(body).get("error", "")
-        except ValueError:
-            message = body[:200].decode(errors="replace")
-        code = {404: "NOT_FOUND", 507: "RESOURCE_EXHAUSTED", 401: "FAILED_PRECONDITION"}.get(
-            status, "UNAVAILABLE" if status >= 500 else "INVALID_ARGUMENT")
-        raise StoreError(code, f"{what}: kv store {self.address}: HTTP {status} {message}")
-
-    def _writer_arena(self) -> tuple[str, Any, arenas.RegionAllocator] | None:
-        with self._lock:
-            if self._arena is not None or not self.arena_bytes or time.monotonic() < self._arena_retry_at:
-                return self._arena
-            try:
-                status, _, raw = self._request("POST", "/v1/shm/arenas", json.dumps({"size": self.arena_bytes}),
-                                               {"Content-Type": "application/json"})
-                body = self._check(status, raw, "create arena")
-                mapping = arenas.map_arena(body["arena"], writable=True)
-                self._arena = (body["arena"], mapping, arenas.RegionAllocator(int(body["size"])))
-            except Exception as exc:  # noqa: BLE001 -- no arena: one segment per put for a while
-                log.warning("GswarmConnector: no shm arena (%s); one segment per put for 30 s", exc)
-                self._arena_retry_at = time.monotonic() + 30.0
-            return self._arena
-
-    def _put_arena(self, key: str, data: memoryview, owner: str, lease_s: float) -> dict | None:
-        arena = self._writer_arena()
-        if arena is None:
-            return None
-        name, mapping, regions = arena
-        offset = regions.alloc(data.nbytes)
-        if offset is None:
-            status, _, raw = self._request("GET", f"/v1/shm/arenas/{name}")
-            if status == 404:
-                self._drop_arena(arena)
-                return None
-            info = self._check(status, raw, "arena info")
-            regions.resync_from(info)
-            offset = regions.alloc(data.nbytes)
-            if offset is None:
-                return None
-        committed = sent = False
-        crcs: list[int] = []
-        try:
-            # The commit goes out first and the store records it while we copy (no crc32 in it:
-            # nobody can ask for the key before this put returns; readers get the CRC with it).
-            body = json.dumps({"shm_name": name, "offset": offset, "size": data.nbytes, "owner": owner,
-                               "lease_s": lease_s, "location": "dram"})
-            sent = True
-            status, _, raw = self._request(
-                "POST", f"/v1/kv/{quote(key, safe='')}/shm", body, {"Content-Type": "application/json"},
-                meanwhile=lambda: crcs.append(arenas.copy_with_crc(memoryview(mapping)[offset:offset + data.nbytes],
-                                                                   data)))
-            if not crcs:  # the copy raised inside the request: never report a region we did not fill
-                raise StoreError("INTERNAL", f"put {key}: copy into the arena failed")
-            crc = crcs[0]
-            if status == 404:  # the store lost the arena (restarted, or reaped it while idle)
-                self._drop_arena(arena)
-                return None
-            answer = self._check(status, raw, f"put {key}")
-            committed = True
-            regions.committed(offset, answer)
-            return {**answer, "crc32": crc, "shm_name": name, "shm_offset": offset}
-        finally:
-            if not committed:
-                # The commit may have been recorded: keep the region counted as used (a resync frees
-                # it once the store does not hold it) and release the key in case it was.
-                (regions.commit if sent else regions.abandon)(offset)
-                if sent:
-                    try:
-                        self.release(key)
-                    except StoreError:
-                        pass
-
-    def _drop_arena(self, arena: tuple) -> None:
-        with self._lock:
-            if self._arena is arena:
-                self._arena = None
-
-    def put(self, key: str, data: memoryview, owner: str, lease_s: float) -> dict:
-        if self.use_shm and data.nbytes >= SHM_MIN_BYTES:
-            answer = self._put_arena(key, data, owner, lease_s)
-            if answer is not None:
-                return answer
-        crc = shm.checksum(data)
-        if self.use_shm and data.nbytes >= SHM_MIN_BYTES:
-            name = shm.new_segment_name(str(self.port))
-            try:
-                shm.create_segment(name, data)
-            except OSError as exc:
-                raise StoreError("RESOURCE_EXHAUSTED", f"put {key}: /dev/shm: {exc}") from None
-            adopted = False
-            try:
-                body = json.dumps({"shm_name": name, "size": data.nbytes, "crc32": crc, "owner": owner,
-                                   "lease_s": lease_s, "location": "dram"})
-                status, _, raw = self._request("POST", f"/v1/kv/{quote(key, safe='')}/shm", body,
-                                               {"Content-Type": "application/json"})
-                answer = self._check(status, raw, f"put {key}")
-                adopted = True
-            finally:
-                if not adopted:
-                    shm.unlink_segment(name)
-            return {**answer, "shm_name": name, "shm_offset": 0}
-        query = urlencode({"owner": owner, "lease_s": repr(float(lease_s)), "location": "dram"})
-        status, _, raw = self._request("PUT", f"/v1/kv/{quote(key, safe='')}?{query}", data,
-                                       {"X-Checksum-Crc32": str(crc), "Content-Type": "application/octet-stream"})
-        return {**self._check(status, raw, f"put {key}"), "shm_name": "", "shm_offset": 0}
-
-    def get(self, key: str, shm_name: str, size: int, crc32: int, shm_offset: int = 0) -> bytes | memoryview:
-        """The bytes, checked; an arena region comes as a zero-copy view: use it before release."""
-        if shm_name and arenas.is_arena_name(shm_name):
-            try:
-                with self._lock:
-                    data = self._reader.view(shm_name, shm_offset, size)
-            except Exception as exc:  # noqa: BLE001 -- NotFound, DataLoss, InvalidArgument of pdgrpc
-                code = getattr(getattr(exc, "code", None), "name", "UNAVAILABLE")
-                raise StoreError(code, f"get {key}: {exc}") from None
-        elif shm_name:
-            try:
-                data = shm.read_segment(shm_name, size)
-            except Exception as exc:  # noqa: BLE001 -- NotFound, DataLoss, InvalidArgument of pdgrpc
-                code = getattr(getattr(exc, "code", None), "name", "UNAVAILABLE")
-                raise StoreError(code, f"get {key}: {exc}") from None
-        else:
-            status, _, data = self._request("GET", f"/v1/kv/{quote(key, safe='')}")
-            if status >= 400:
-                self._check(status, data, f"get {key}")
-        if len(data) != size:
-            raise StoreError("DATA_LOSS", f"get {key}: {len(data)} bytes, the descriptor says {size}")
-        actual = shm.checksum(data)
-        if actual != crc32:
-            raise StoreError("DATA_LOSS", f"get {key}: crc32 {actual} does not match the descriptor's {crc32}")
-        return data
-
-    def release(self, key: str) -> None:
-        status, _, raw = self._request("DELETE", f"/release/{quote(key, safe='')}")
-        if status != 404:
-            self._check(status, raw, f"release {key}")
-
-    def release_owner(self, owner: str) -> int:
-        status, _, raw = self._request("DELETE", f"/v1/owner/{quote(owner, safe='')}")
-        return int(self._check(status, raw, f"release owner {owner}").get("released", 0))
 
 
 # ---- scheduler -> worker, worker -> scheduler ---------------------------------------------------
@@ -314,6 +116,19 @@ class SaveJob:
     owner: str
     key_prefix: str
     lease_s: float
+
+
+@dataclass(eq=False)
+class _Save:
+    """A prompt's KV being saved (worker side): one tensor per layer group, in the arena or pooled."""
+
+    job: SaveJob
+    groups: list[tuple[int, int]]
+    tensors: list[torch.Tensor] = field(default_factory=list)
+    reservations: dict[int, Reservation] = field(default_factory=dict)  # group -> region not yet put
+    bases: list[torch.Tensor | None] = field(default_factory=list)  # pooled memory under buffers
+    group_of: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # layer -> (group, start, end)
+    puts: list[concurrent.futures.Future] = field(default_factory=list)
 
 
 @dataclass
@@ -377,10 +192,8 @@ class GswarmConnector(KVConnectorBase_V1):
         self._numpy_paged: dict[int, PagedBlocks] = {}
         self._layer_of: dict[str, int] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="gswarm")
-        self._save_bufs: dict[str, tuple[SaveJob, torch.Tensor, list[tuple[int, int]]]] = {}
-        self._save_bases: dict[str, torch.Tensor | None] = {}  # pooled memory under each save buffer
+        self._saves: dict[str, _Save] = {}
         self._buffers = TensorPool()  # a fresh save buffer would fault its pages in during the forward
-        self._puts: dict[str, list[concurrent.futures.Future]] = {}
         self._loads: dict[str, concurrent.futures.Future] = {}
         self._worker_meta = GswarmWorkerMeta()
         self.counters = {"saved_tokens": 0, "loaded_tokens": 0, "failed_loads": 0, "failed_saves": 0}
@@ -409,6 +222,8 @@ class GswarmConnector(KVConnectorBase_V1):
                                                        self.head_dim)
         log.info("GswarmConnector: %d layers, attention %s, block size %d", len(self._paged), sorted(backends),
                  self.block_size)
+        if self._kv_transfer_config.kv_role in ("kv_producer", "kv_both"):
+            self.store.open_arena()  # saves gather straight into it; opened now, not in the first forward
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         meta = self._connector_metadata
@@ -428,26 +243,42 @@ class GswarmConnector(KVConnectorBase_V1):
             return
         index = self._layer_of[layer_name]
         for job in meta.saves:
-            if job.req_id not in self._save_bufs:
-                groups = layer_groups(self.num_layers, self._layer_bytes(job.num_tokens), self.layers_per_group)
-                buf, self._save_bases[job.req_id] = self._buffers.take(
-                    (self.num_layers, 2, self.num_kv_heads, job.num_tokens, self.head_dim), self.dtype)
-                self._save_bufs[job.req_id] = (job, buf, groups)
-                self.state[job.req_id] = TransferState.SAVING
-            _, buf, groups = self._save_bufs[job.req_id]
-            self._paged[index].gather(job.block_ids, job.num_tokens, buf[index])
-            for g, (start, end) in enumerate(groups):
-                if index == end - 1:
-                    self._puts.setdefault(job.req_id, []).append(
-                        self._pool.submit(self._put_group, job, g, start, end, buf[start:end]))
+            save = self._saves.get(job.req_id)
+            if save is None:
+                save = self._saves[job.req_id] = self._start_save(job)
+            g, start, end = save.group_of[index]
+            self._paged[index].gather(job.block_ids, job.num_tokens, save.tensors[g][index - start])
+            if index == end - 1:
+                save.puts.append(self._pool.submit(self._put_group, job, save, g))
+
+    def _start_save(self, job: SaveJob) -> _Save:
+        """Where each layer group of a prompt is gathered: straight into a region of the store's shm
+        arena (the put then only commits it: KV goes from vLLM's paged cache into shared memory in
+        one copy), else into a pooled buffer that the put copies."""
+        groups = layer_groups(self.num_layers, self._layer_bytes(job.num_tokens), self.layers_per_group)
+        shape = (2, self.num_kv_heads, job.num_tokens, self.head_dim)
+        save = _Save(job, groups)
+        for g, (start, end) in enumerate(groups):
+            r = self.store.reserve((end - start) * self._layer_bytes(job.num_tokens))
+            if r is not None:
+                save.reservations[g] = r
+                save.tensors.append(torch.frombuffer(r.view, dtype=self.dtype).view(end - start, *shape))
+            else:
+                buf, base = self._buffers.take((end - start, *shape), self.dtype)
+                save.bases.append(base)
+                save.tensors.append(buf)
+            for index in range(start, end):
+                save.group_of[index] = (g, start, end)
+        self.state[job.req_id] = TransferState.SAVING
+        return save
 
     def wait_for_save(self) -> None:
-        for req_id in list(self._save_bufs):
-            job, buf, groups = self._save_bufs.pop(req_id)
-            futures = self._puts.pop(req_id, [])
+        for req_id in list(self._saves):
+            save = self._saves.pop(req_id)
+            job, futures = save.job, save.puts
             try:
-                if len(futures) != len(groups):
-                    raise StoreError("INTERNAL", f"saved {len(futures)} of {len(groups)} layer groups")
+                if len(futures) != len(save.groups):
+                    raise StoreError("INTERNAL", f"saved {len(futures)} of {len(save.groups)} layer groups")
                 descriptors = [f.result() for f in futures]
                 result = {"state": TransferState.SAVED.value, "groups": descriptors, "num_tokens": job.num_tokens,
                           "layout": WIRE_LAYOUT}
@@ -462,8 +293,13 @@ class GswarmConnector(KVConnectorBase_V1):
                 self._pool.submit(self._release_owner, job.owner)
             self.state.pop(req_id, None)
             self._worker_meta.saves[req_id] = result
-            del buf  # every put has ended (result() or wait above): the memory can serve the next save
-            self._buffers.give(self._save_bases.pop(req_id, None))
+            # Every put has ended (result() or wait above): regions never put go back, buffers serve
+            # the next save.
+            for r in save.reservations.values():
+                self.store.abandon(r)
+            save.tensors.clear()
+            for base in save.bases:
+                self._buffers.give(base)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         done = {r for r, f in self._loads.items() if f.done()}
@@ -486,10 +322,16 @@ class GswarmConnector(KVConnectorBase_V1):
     def _layer_bytes(self, num_tokens: int) -> int:
         return 2 * self.num_kv_heads * num_tokens * self.head_dim * self.dtype.itemsize
 
-    def _put_group(self, job: SaveJob, index: int, start: int, end: int, data: torch.Tensor) -> dict:
+    def _put_group(self, job: SaveJob, save: _Save, index: int) -> dict:
         t0 = time.monotonic()
-        view = memoryview(data.contiguous().view(torch.uint8).numpy()).cast("B")
-        answer = self.store.put(f"{job.key_prefix}.g{index}", view, job.owner, job.lease_s)
+        key = f"{job.key_prefix}.g{index}"
+        r = save.reservations.pop(index, None)
+        if r is not None:  # gathered in the arena already: commit the region
+            answer = self.store.put_reserved(key, r, job.owner, job.lease_s)
+        else:
+            view = memoryview(save.tensors[index].view(torch.uint8).numpy()).cast("B")
+            answer = self.store.put(key, view, job.owner, job.lease_s)
+        start, end = save.groups[index]
         return {"key": answer["key"], "size": int(answer["size"]), "crc32": int(answer["crc32"]),
                 "location": answer["location"], "lease_expiry_unix": float(answer["lease_expiry_unix"]),
                 "shm_name": answer["shm_name"], "shm_offset": int(answer.get("shm_offset", 0)),
