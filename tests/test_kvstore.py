@@ -595,14 +595,18 @@ def _arena_client(address: str, arena_bytes: int = 1 << 20) -> KVStoreClient:
     return KVStoreClient(address, use_shm=True, shm_min_bytes=0, shm_arena_bytes=arena_bytes)
 
 
+async def _get_put(client: KVStoreClient, key: str, put):
+    """What a reader given ``put``'s descriptor fields gets back (a zero-copy view for an arena region)."""
+    return await client.get(key, shm_name=put.shm_name, size=put.size, crc32=put.crc32, shm_offset=put.shm_offset)
+
+
 async def test_arena_put_get_and_region_reuse(arena_store):
     store = arena_store.address
     async with _arena_client(store) as client:
         payload = os.urandom(300 * 1024)
         put = await client.put("ar1", payload, owner="req-ar", lease_s=60)
         assert arena.is_arena_name(put.shm_name) and put.crc32 == zlib.crc32(payload)
-        view = await client.get("ar1", shm_name=put.shm_name, size=put.size, crc32=put.crc32,
-                                shm_offset=put.shm_offset)
+        view = await _get_put(client, "ar1", put)
         assert isinstance(view, memoryview) and view.readonly and view == payload  # zero-copy
         assert await client.get("ar1") == payload  # over HTTP the store reads the region (and its CRC)
         loc = http_call(store, "GET", "/location/ar1")[1]["locations"][0]
@@ -618,8 +622,7 @@ async def test_arena_put_get_and_region_reuse(arena_store):
             data = os.urandom(300 * 1024)
             put = await client.put(f"ar-{i}", data, owner="req-ar", lease_s=60)
             names.add(put.shm_name)
-            got = await client.get(f"ar-{i}", shm_name=put.shm_name, size=put.size, crc32=put.crc32,
-                                   shm_offset=put.shm_offset)
+            got = await _get_put(client, f"ar-{i}", put)
             assert got == data
             del got
             assert await client.release(f"ar-{i}")
@@ -752,8 +755,7 @@ async def test_arena_put_cancelled_midway_leaves_nothing(arena_store):
         # the regions come back (resync): the arena still takes a put of that size
         put = await client.put("ac-after", data, owner="req-ac", lease_s=60)
         assert arena.is_arena_name(put.shm_name)
-        got = await client.get("ac-after", shm_name=put.shm_name, size=put.size, crc32=put.crc32,
-                               shm_offset=put.shm_offset)
+        got = await _get_put(client, "ac-after", put)
         assert got == data
         del got
         await client.release("ac-after")
@@ -769,8 +771,7 @@ async def test_arena_reservation_is_put_without_a_copy(arena_store):
         region[:] = payload  # what an engine packing KV does
         put = await client.put("ar-reserved", region, owner="req-rs", lease_s=60)
         assert arena.is_arena_name(put.shm_name) and put.crc32 == zlib.crc32(payload)
-        got = await client.get("ar-reserved", shm_name=put.shm_name, size=put.size, crc32=put.crc32,
-                               shm_offset=put.shm_offset)
+        got = await _get_put(client, "ar-reserved", put)
         assert got == payload
         assert await client.get("ar-reserved") == payload  # the store reads the same region
         del got
@@ -778,8 +779,7 @@ async def test_arena_reservation_is_put_without_a_copy(arena_store):
         other = client.reserve(8192)
         other[:4096] = payload[:4096]
         sub = await client.put("ar-slice", other[:4096], owner="req-rs", lease_s=60)
-        got = await client.get("ar-slice", shm_name=sub.shm_name, size=sub.size, crc32=sub.crc32,
-                               shm_offset=sub.shm_offset)
+        got = await _get_put(client, "ar-slice", sub)
         assert got == payload[:4096]
         del got, other
         assert await client.release_owner("req-rs") == 3
@@ -875,8 +875,7 @@ async def test_arena_commits_carry_the_token(tmp_path):
             payload = os.urandom(3 << 19)  # 1.5 MB: a commit from a worker thread on its own connection
             put = await client.put("tk1", payload, owner="o", lease_s=60)
             assert arena.is_arena_name(put.shm_name)
-            got = await client.get("tk1", shm_name=put.shm_name, size=put.size, crc32=put.crc32,
-                                   shm_offset=put.shm_offset)
+            got = await _get_put(client, "tk1", put)
             assert got == payload
             del got
             assert await client.release("tk1")

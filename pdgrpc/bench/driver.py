@@ -18,7 +18,6 @@ from typing import Protocol
 from pdgrpc.bench.stats import RequestResult
 from pdgrpc.bench.workloads import BenchRequest
 from pdgrpc.client import AsyncClient
-from pdgrpc.errors import PdgrpcError
 from pdgrpc.types import GenerateDelta, GenerateFinal
 
 
@@ -45,12 +44,24 @@ class _NoBar:
         pass
 
 
+@contextlib.contextmanager
+def failures_recorded(res: RequestResult):
+    """A benchmark reports a request's failure in its result and goes on; a cancel still propagates."""
+    try:
+        yield
+    except asyncio.CancelledError:
+        res.error = "Cancelled: benchmark stopped waiting"
+        raise
+    except Exception as exc:  # PdgrpcError, aiohttp's errors, anything: reported, not raised
+        res.error = f"{type(exc).__name__}: {exc}"
+
+
 async def send_one(client: AsyncClient, req: BenchRequest, res: RequestResult, t0: float,
                    timeout_s: float) -> RequestResult:
     """One streamed request; fills ``res`` (times relative to its own send)."""
     start = time.perf_counter()
     res.sent_s = start - t0
-    try:
+    with failures_recorded(res):
         async for ev in client.generate(req.prompt_arg(), timeout_s=timeout_s, **req.client_kwargs()):
             now = time.perf_counter() - start
             if isinstance(ev, GenerateDelta):
@@ -62,13 +73,6 @@ async def send_one(client: AsyncClient, req: BenchRequest, res: RequestResult, t
                 res.server_queue_s = ev.timings.queue_seconds
         if res.e2e_s is None:
             res.error = "NoFinal: stream ended without a final message"
-    except PdgrpcError as exc:
-        res.error = f"{type(exc).__name__}: {exc}"
-    except asyncio.CancelledError:
-        res.error = "Cancelled: benchmark stopped waiting"
-        raise
-    except Exception as exc:  # a benchmark reports failures; it does not stop at the first one
-        res.error = f"{type(exc).__name__}: {exc}"
     return res
 
 
@@ -114,48 +118,48 @@ class OpenAISender:
                                              timeout=aiohttp.ClientTimeout(total=None))
 
     async def send(self, req: BenchRequest, res: RequestResult, t0: float, timeout_s: float) -> RequestResult:
-        from pdgrpc.bench.vllm_peer import DONE, completion_body, sse_event
-
         start = time.perf_counter()
         res.sent_s = start - t0
         if req.messages is not None:
             res.error = "Unsupported: chat messages (the OpenAI peer takes token-id or text prompts)"
             return res
         prompt = list(req.token_ids) if req.token_ids is not None else (req.text or "")
-        try:
-            async with asyncio.timeout(timeout_s), self.session.post(
-                    self.url, json=completion_body(prompt, req.max_tokens)) as r:
-                if r.status != 200:
-                    res.error = f"HTTP{r.status}: {(await r.text())[:300]}"
-                    return res
-                async for line in r.content:  # one SSE line at a time, as it arrives
-                    now = time.perf_counter() - start
-                    ev = sse_event(line)
-                    if ev is None or ev is DONE:
-                        continue
-                    if "error" in ev:  # vLLM reports errors met after the first byte in the stream
-                        err = ev["error"]
-                        res.error = f"ServerError: {err.get('message', err) if isinstance(err, dict) else err}"
-                        continue
-                    for choice in ev.get("choices") or ():
-                        n = len(choice["token_ids"]) if choice.get("token_ids") is not None else int(
-                            bool(choice.get("text")))  # a server without return_token_ids: one per chunk
-                        if n:
-                            res.add_tokens(now, n)
-                    if ev.get("usage"):
-                        res.prompt_tokens = int(ev["usage"].get("prompt_tokens") or 0)
-                        res.output_tokens = int(ev["usage"].get("completion_tokens") or res.output_tokens)
-                        res.e2e_s = now
-            if res.e2e_s is None and not res.error:
-                res.error = "NoFinal: stream ended without a usage chunk"
-        except TimeoutError:
-            res.error = f"DeadlineExceeded: no answer within {timeout_s:g} s"
-        except asyncio.CancelledError:
-            res.error = "Cancelled: benchmark stopped waiting"
-            raise
-        except Exception as exc:  # a benchmark reports failures; it does not stop at the first one
-            res.error = f"{type(exc).__name__}: {exc}"
+        with failures_recorded(res):
+            try:
+                await self._stream(prompt, req, res, start, timeout_s)
+            except TimeoutError:
+                res.error = f"DeadlineExceeded: no answer within {timeout_s:g} s"
         return res
+
+    async def _stream(self, prompt: list[int] | str, req: BenchRequest, res: RequestResult, start: float,
+                      timeout_s: float) -> None:
+        from pdgrpc.bench.vllm_peer import DONE, completion_body, sse_event
+
+        async with asyncio.timeout(timeout_s), self.session.post(
+                self.url, json=completion_body(prompt, req.max_tokens)) as r:
+            if r.status != 200:
+                res.error = f"HTTP{r.status}: {(await r.text())[:300]}"
+                return
+            async for line in r.content:  # one SSE line at a time, as it arrives
+                now = time.perf_counter() - start
+                ev = sse_event(line)
+                if ev is None or ev is DONE:
+                    continue
+                if "error" in ev:  # vLLM reports errors met after the first byte in the stream
+                    err = ev["error"]
+                    res.error = f"ServerError: {err.get('message', err) if isinstance(err, dict) else err}"
+                    continue
+                for choice in ev.get("choices") or ():
+                    n = len(choice["token_ids"]) if choice.get("token_ids") is not None else int(
+                        bool(choice.get("text")))  # a server without return_token_ids: one per chunk
+                    if n:
+                        res.add_tokens(now, n)
+                if ev.get("usage"):
+                    res.prompt_tokens = int(ev["usage"].get("prompt_tokens") or 0)
+                    res.output_tokens = int(ev["usage"].get("completion_tokens") or res.output_tokens)
+                    res.e2e_s = now
+        if res.e2e_s is None and not res.error:
+            res.error = "NoFinal: stream ended without a usage chunk"
 
     async def close(self) -> None:
         await self.session.close()

@@ -257,7 +257,7 @@ class KVStoreClient:
 
     async def _commit_reserved(self, arena: _WriterArena, offset: int, key: str, view: memoryview, owner: str,
                                lease_s: float, location: str) -> PutResult:
-        crc = await _maybe_thread(shm.checksum, view, size=view.nbytes)
+        crc = await _maybe_thread(shm.checksum_split(view).run, size=view.nbytes)
         put = await self._commit_region(arena, offset, key, view.nbytes, crc, owner, lease_s, location)
         if put is None:  # the store lost the arena; the bytes are still in our mapping: send them another way
             return await self.put(key, bytes(view), owner=owner, lease_s=lease_s, location=location)

@@ -332,6 +332,16 @@ class EntryTable:
 
     # ---- arenas -------------------------------------------------------------------------------
 
+    @property
+    def arena_bytes(self) -> int:
+        """Bytes reserved by arenas (all counted in ``used``)."""
+        return sum(a.size for a in self.arenas.values())
+
+    @property
+    def arena_used_bytes(self) -> int:
+        """Bytes of live entries inside arenas."""
+        return sum(a.used_bytes for a in self.arenas.values())
+
     @staticmethod
     def arena_size(size: object) -> int:
         if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= arenas.MAX_ARENA_BYTES:
@@ -341,7 +351,7 @@ class EntryTable:
     def grant_arena(self, asked: int) -> int:
         """How big an arena we hand out for ``asked`` bytes: arenas are reserved whole, so each gets
         at most a quarter of the budget and all of them at most half, leaving room for the rest."""
-        in_arenas = sum(a.size for a in self.arenas.values())
+        in_arenas = self.arena_bytes
         size = min(asked, self.capacity // 4, self.capacity // 2 - in_arenas) // arenas.ALIGN * arenas.ALIGN
         if size < min(asked, arenas.MIN_ARENA_BYTES):
             raise ResourceExhausted(f"no room for another shm arena: {in_arenas} of {self.capacity} bytes "
@@ -450,8 +460,8 @@ class EntryTable:
             "shm_keys": len(shm_entries),
             "shm_bytes": sum(e.size for e in shm_entries),
             "shm_arenas": len(self.arenas),
-            "shm_arena_bytes": sum(a.size for a in self.arenas.values()),
-            "shm_arena_used_bytes": sum(a.used_bytes for a in self.arenas.values()),
+            "shm_arena_bytes": self.arena_bytes,
+            "shm_arena_used_bytes": self.arena_used_bytes,
         }
 
 
@@ -493,5 +503,5 @@ class StoreMetrics:
             self.bytes.labels(cls).set(size)
             self.keys.labels(cls).set(keys)
         self.arenas.set(len(table.arenas))
-        self.arena_bytes.set(sum(a.size for a in table.arenas.values()))
-        self.arena_used.set(sum(a.used_bytes for a in table.arenas.values()))
+        self.arena_bytes.set(table.arena_bytes)
+        self.arena_used.set(table.arena_used_bytes)

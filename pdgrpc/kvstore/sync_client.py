@@ -15,6 +15,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -127,28 +128,36 @@ class SyncStore:
             offset = regions.alloc(data.nbytes)
             if offset is None:
                 return None
+        return self._commit_region(key, arena, offset, data.nbytes, owner, lease_s,
+                                   lambda: arenas.copy_with_crc(memoryview(mapping)[offset:offset + data.nbytes], data))
+
+    def _commit_region(self, key: str, arena: tuple, offset: int, size: int, owner: str, lease_s: float,
+                       fill: Callable[[], int]) -> dict | None:
+        """Record region [offset, offset + size) of ``arena`` as ``key``. The commit goes out first and
+        the store records it while ``fill()`` fills or checksums the region and returns its CRC (no
+        crc32 in the commit: nobody can ask for the key before this put returns; readers get the CRC
+        with its descriptor). None when the store lost the arena (restarted, or reaped it while idle).
+        The region is used up whatever happens: committed, or handed back."""
+        name, _, regions = arena
         committed = sent = False
         crcs: list[int] = []
         try:
-            # The commit goes out first and the store records it while we copy (no crc32 in it:
-            # nobody can ask for the key before this put returns; readers get the CRC with it).
-            body = json.dumps({"shm_name": name, "offset": offset, "size": data.nbytes, "owner": owner,
+            body = json.dumps({"shm_name": name, "offset": offset, "size": size, "owner": owner,
                                "lease_s": lease_s, "location": "dram"})
             sent = True
-            status, _, raw = self._request(
-                "POST", f"/v1/kv/{quote(key, safe='')}/shm", body, {"Content-Type": "application/json"},
-                meanwhile=lambda: crcs.append(arenas.copy_with_crc(memoryview(mapping)[offset:offset + data.nbytes],
-                                                                   data)))
-            if not crcs:  # the copy raised inside the request: never report a region we did not fill
-                raise StoreError("INTERNAL", f"put {key}: copy into the arena failed")
-            crc = crcs[0]
-            if status == 404:  # the store lost the arena (restarted, or reaped it while idle)
+            status, _, raw = self._request("POST", f"/v1/kv/{quote(key, safe='')}/shm", body,
+                                           {"Content-Type": "application/json"},
+                                           meanwhile=lambda: crcs.append(fill()))
+            if not crcs:  # the fill raised inside the request: never report a region we did not fill
+                raise StoreError("INTERNAL", f"put {key}: filling the arena region failed")
+            if status == 404:
                 self._drop_arena(arena)
+                sent = False  # the store has no such arena: nothing of ours to release there
                 return None
             answer = self._check(status, raw, f"put {key}")
             committed = True
             regions.committed(offset, answer)
-            return {**answer, "crc32": crc, "shm_name": name, "shm_offset": offset}
+            return {**answer, "crc32": crcs[0], "shm_name": name, "shm_offset": offset}
         finally:
             if not committed:
                 # The commit may have been recorded: keep the region counted as used (a resync frees
@@ -179,31 +188,11 @@ class SyncStore:
     def put_reserved(self, key: str, r: Reservation, owner: str, lease_s: float) -> dict:
         """Commit a reserved region as ``key``: its CRC is one read of the bytes, nothing is copied.
         The reservation is used up whatever happens (committed, or handed back)."""
-        name, _, regions = r.arena
-        committed = sent = False
-        try:
-            crc = shm.checksum_split(r.view).run()
-            body = json.dumps({"shm_name": name, "offset": r.offset, "size": r.view.nbytes, "owner": owner,
-                               "lease_s": lease_s, "location": "dram"})
-            sent = True
-            status, _, raw = self._request("POST", f"/v1/kv/{quote(key, safe='')}/shm", body,
-                                           {"Content-Type": "application/json"})
-            if status == 404:  # the store lost the arena: the bytes are still in our mapping, send them
-                self._drop_arena(r.arena)
-                sent = False
-                return self.put(key, memoryview(bytes(r.view)), owner, lease_s)
-            answer = self._check(status, raw, f"put {key}")
-            committed = True
-            regions.committed(r.offset, answer)
-            return {**answer, "crc32": crc, "shm_name": name, "shm_offset": r.offset}
-        finally:
-            if not committed:
-                (regions.commit if sent else regions.abandon)(r.offset)
-                if sent:
-                    try:
-                        self.release(key)
-                    except StoreError:
-                        pass
+        put = self._commit_region(key, r.arena, r.offset, r.view.nbytes, owner, lease_s,
+                                  lambda: shm.checksum_split(r.view).run())
+        if put is None:  # the store lost the arena: the bytes are still in our mapping, send them
+            return self.put(key, memoryview(bytes(r.view)), owner, lease_s)
+        return put
 
     @staticmethod
     def abandon(r: Reservation) -> None:
