@@ -591,8 +591,9 @@ def arena_store(tmp_path_factory):
     assert proc.stop() == 0, proc.stderr()
 
 
-def _arena_client(address: str, arena_bytes: int = 1 << 20) -> KVStoreClient:
-    return KVStoreClient(address, use_shm=True, shm_min_bytes=0, shm_arena_bytes=arena_bytes)
+def _arena_client(address: str, arena_bytes: int = 1 << 20, inline_max_bytes: int | None = None) -> KVStoreClient:
+    extra = {} if inline_max_bytes is None else {"inline_max_bytes": inline_max_bytes}
+    return KVStoreClient(address, use_shm=True, shm_min_bytes=0, shm_arena_bytes=arena_bytes, **extra)
 
 
 async def _get_put(client: KVStoreClient, key: str, put):
@@ -739,17 +740,20 @@ def test_region_allocator_ignores_answers_older_than_a_resync():
     assert regions.alloc(2 * arena.ALIGN) == arena.ALIGN
 
 
-async def test_arena_put_cancelled_midway_leaves_nothing(arena_store):
-    async with _arena_client(arena_store.address, arena_bytes=16 << 20) as client:
+@pytest.mark.parametrize("inline_max_bytes", [64 << 20, 0], ids=["copy-on-loop", "copy-in-thread"])
+async def test_arena_put_cancelled_midway_leaves_nothing(arena_store, inline_max_bytes):
+    # 11 MB arenas: both runs' arenas and the next tests' fit in the store's 32 MB for arenas until reaped
+    async with _arena_client(arena_store.address, arena_bytes=11 << 20, inline_max_bytes=inline_max_bytes) as client:
         data = os.urandom(10 << 20)  # big enough to be in flight when cancelled
-        for i in range(3):
+        for i in range(4):  # cancelled at once (before the commit is sent), then while it is in flight
             task = asyncio.ensure_future(client.put(f"ac-{i}", data, owner="req-ac", lease_s=60))
-            await asyncio.sleep(0.001 * i)
+            for _ in range(i):
+                await asyncio.sleep(0)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
         deadline = time.monotonic() + 10
-        while any(http_call(arena_store.address, "GET", f"/location/ac-{i}")[0] == 200 for i in range(3)):
+        while any(http_call(arena_store.address, "GET", f"/location/ac-{i}")[0] == 200 for i in range(4)):
             assert time.monotonic() < deadline, "a cancelled put left its key behind"
             await asyncio.sleep(0.05)
         # the regions come back (resync): the arena still takes a put of that size
@@ -759,6 +763,26 @@ async def test_arena_put_cancelled_midway_leaves_nothing(arena_store):
         assert got == data
         del got
         await client.release("ac-after")
+
+
+@pytest.mark.parametrize("inline_max_bytes", [64 << 20, 0], ids=["copy-on-loop", "copy-in-thread"])
+async def test_arena_put_of_a_taken_key_is_refused_and_frees_its_region(arena_store, inline_max_bytes):
+    """A commit the store refuses (409: another writer holds the key) frees the region at once and
+    must not release the key in the background: it is the other writer's."""
+    async with _arena_client(arena_store.address) as first, \
+            _arena_client(arena_store.address, inline_max_bytes=inline_max_bytes) as second:
+        payload = os.urandom(300 * 1024)
+        await first.put("taken", payload, owner="req-tk", lease_s=60)
+        await second.open_arena()
+        free_before = second._arena.regions.free_bytes
+        with pytest.raises(InvalidArgument, match="exists"):
+            await second.put("taken", os.urandom(300 * 1024), owner="req-other", lease_s=60)
+        assert second._arena.regions.free_bytes == free_before
+        await asyncio.sleep(0.2)  # a background release, were there one, would have run by now
+        got = await first.get("taken")
+        assert bytes(got) == payload
+        del got
+        assert await first.release("taken")
 
 
 async def test_arena_reservation_is_put_without_a_copy(arena_store):
@@ -815,6 +839,28 @@ def test_split_does_the_helpers_half_when_it_is_busy(monkeypatch):
         blocker.result()
 
 
+def test_split_lets_the_thread_that_starts_first_take_more_pieces(monkeypatch):
+    """A caller that starts late (building a request) finds the helper has taken pieces meanwhile;
+    the pieces' CRCs still join into the CRC of the whole buffer."""
+    import threading
+
+    monkeypatch.setattr(shm, "SPLIT_MIN_BYTES", 4096)
+    data = os.urandom(32 * 4096 + 123)
+    helper_pieces = []
+    three_done = threading.Event()
+
+    def work(start, end):
+        if threading.current_thread() is not threading.main_thread():
+            helper_pieces.append(start)
+            if len(helper_pieces) == 3:
+                three_done.set()
+        return zlib.crc32(data[start:end])
+
+    split = shm.SplitCrc(len(data), work, align=4096)
+    assert split.run(first=lambda: three_done.wait(5)) == zlib.crc32(data)
+    assert len(helper_pieces) >= 3 and helper_pieces[:3] == sorted(helper_pieces[:3])
+
+
 def test_split_waits_for_the_helper_when_its_own_half_fails(monkeypatch):
     import threading
 
@@ -867,12 +913,13 @@ async def test_get_into_copies_and_verifies_in_one_pass(arena_store, monkeypatch
         assert await client.release_owner("req-gi") == 3
 
 
-async def test_arena_commits_carry_the_token(tmp_path):
+@pytest.mark.parametrize("inline_max_bytes", [64 << 20, 0], ids=["commit-on-loop", "commit-from-thread"])
+async def test_arena_commits_carry_the_token(tmp_path, inline_max_bytes):
     guarded = StoreProcess(tmp_path, "--token", TOKEN)
     try:
         async with KVStoreClient(guarded.address, token=TOKEN, use_shm=True, shm_min_bytes=0,
-                                 shm_arena_bytes=2 << 20) as client:
-            payload = os.urandom(3 << 19)  # 1.5 MB: a commit from a worker thread on its own connection
+                                 shm_arena_bytes=2 << 20, inline_max_bytes=inline_max_bytes) as client:
+            payload = os.urandom(3 << 19)  # 1.5 MB; from a thread, the commit goes on a connection of its own
             put = await client.put("tk1", payload, owner="o", lease_s=60)
             assert arena.is_arena_name(put.shm_name)
             got = await _get_put(client, "tk1", put)

@@ -103,7 +103,7 @@ def copy_with_crc(dst: memoryview, src: memoryview, *, first: Callable[[], objec
     """Copy ``src`` into ``dst`` (same length) and return the CRC-32 of the bytes, in one pass over
     memory: each chunk is checksummed right after it was copied, while it is still in cache.
     Both steps run without the GIL (ctypes.memmove, zlib's crc32), so a thread doing this leaves
-    the caller's event loop free; a big buffer is done in two halves on two threads (shm.SplitCrc).
+    the caller's event loop free; a big buffer is shared by two threads (shm.SplitCrc).
 
     The CRC is taken of ``dst``, the bytes as they now are where they were copied to: a reader
     that copies out this way verifies what it holds, not what the source held a moment before.
@@ -112,8 +112,8 @@ def copy_with_crc(dst: memoryview, src: memoryview, *, first: Callable[[], objec
 
 
 def start_copy_with_crc(dst: memoryview, src: memoryview) -> shm.SplitCrc:
-    """``copy_with_crc`` in two steps: the helper thread starts on its half now, ``.run()`` (in a
-    worker thread) copies the rest and returns the CRC."""
+    """``copy_with_crc`` in two steps: the helper thread starts taking pieces now, ``.run()`` takes
+    them on the calling thread too and returns the CRC."""
     n = len(src)
     if len(dst) != n:
         raise ValueError(f"copy of {n} bytes into a buffer of {len(dst)}")

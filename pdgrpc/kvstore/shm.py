@@ -14,6 +14,7 @@ never reach outside /dev/shm (no '/', no '..', fixed prefix).
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import re
 import stat
@@ -47,8 +48,8 @@ def checksum(data, value: int = 0) -> int:
 
 # ---- two threads per big buffer ------------------------------------------------------------------
 # One thread copies (or checksums) at ~60% of what the memory system gives two: on this kind of host
-# a copy+CRC of 16 MB takes ~1.0 ms on one thread, ~0.7 ms split in halves over two. The halves'
-# CRCs are joined with crc32_combine (zlib-ng), so the result is the same CRC-32 of the whole buffer.
+# a copy+CRC of 16 MB takes ~1.0 ms on one thread, ~0.6 ms shared by two. The pieces' CRCs are
+# joined with crc32_combine (zlib-ng), so the result is the same CRC-32 of the whole buffer.
 SPLIT_MIN_BYTES = 8 << 20  # below this the helper's wake-up (~50-100 us) eats what the split saves
 _helper: ThreadPoolExecutor | None = None
 _helper_lock = threading.Lock()
@@ -59,56 +60,74 @@ def _helper_pool() -> ThreadPoolExecutor:
     with _helper_lock:
         if _helper is None:
             # One helper thread for the whole process: its jobs never wait on anything, so however
-            # many callers split at once nothing can deadlock; when it is busy the caller takes the
-            # half back (see split_crc) instead of queueing behind another caller's half.
+            # many callers split at once nothing can deadlock; when it is busy the caller takes every
+            # piece itself (see SplitCrc) instead of queueing behind another caller's work.
             _helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdgrpc-kv-split")
         return _helper
 
 
 class SplitCrc:
     """CRC-32 of ``n`` bytes processed by ``work(start, end)`` (which returns the CRC of that byte
-    range), in two halves on two threads when ``n`` is big enough and halves can be joined.
+    range), shared by the calling thread and the helper thread when ``n`` is big enough and pieces
+    can be joined.
 
-    The helper gets its half when this object is made, ``run()`` does the other half on the calling
-    thread and joins the two. Made on the event loop just before ``run`` goes to a worker thread,
-    both threads wake at once: made inside the worker, the helper would wake only after it (~70 us
-    more here). ``align``: where the halves may be cut. ``work`` must release the GIL for most of
-    its time (ctypes.memmove and zlib-ng's crc32 do)."""
+    The bytes are cut into ``PIECES`` pieces (at ``align`` boundaries) that both threads take in turn
+    until none is left, and the pieces' CRCs are joined in order. Whichever thread starts late (a
+    helper waking, a caller still building a request) just takes fewer pieces: with fixed halves
+    the late one's half decided when both were done. The helper starts when this object is made,
+    ``run()`` works on the calling thread. ``work`` must release the GIL for most of its time
+    (ctypes.memmove and zlib-ng's crc32 do)."""
+
+    PIECES = 32
 
     def __init__(self, n: int, work: Callable[[int, int], int], *, align: int = 1) -> None:
         self.n, self.work = n, work
-        self.half = n
-        self.second: Future | None = None
-        # Allowed cores, not the machine's: a node pinned to one core would only time-slice the halves.
+        self.piece = n or 1
+        self.helper: Future | None = None
+        # Allowed cores, not the machine's: a node pinned to one core would only time-slice the pieces.
         if n >= SPLIT_MIN_BYTES and _crc32_combine is not None and len(os.sched_getaffinity(0)) >= 2:
-            self.half = n // 2 // align * align
-            self.second = _helper_pool().submit(work, self.half, n)
+            self.piece = max(align, -(-n // self.PIECES) // align * align)
+        count = max(1, -(-n // self.piece))
+        self._crcs: list[int | None] = [None] * count
+        self._next = itertools.count()  # next() is atomic under the GIL: each piece goes to one thread
+        self._stop = False
+        if count > 1:
+            self.helper = _helper_pool().submit(self._take_pieces)
+
+    def _take_pieces(self) -> None:
+        count = len(self._crcs)
+        while not self._stop and (i := next(self._next)) < count:
+            try:
+                self._crcs[i] = self.work(i * self.piece, min(self.n, (i + 1) * self.piece))
+            except BaseException:
+                self._stop = True  # the other thread stops too: this CRC cannot be completed
+                raise
 
     def run(self, first: Callable[[], object] | None = None) -> int:
-        """The CRC of all ``n`` bytes. ``first()``, if given, runs here before this thread's half:
-        what it does (a request sent) overlaps the work. Returns only once the helper is done with
-        its half too, also when raising: the caller's buffers are free to go then."""
-        second, half = self.second, self.half
+        """The CRC of all ``n`` bytes. ``first()``, if given, runs here before this thread's work:
+        what it does (a request sent) overlaps the helper's. Returns only once the helper is done
+        with its pieces too, also when raising: the caller's buffers are free to go then."""
         try:
             if first is not None:
                 first()
-            head = self.work(0, half)
+            self._take_pieces()
         except BaseException:
-            if second is not None and not second.cancel():
-                wait([second])
+            self._stop = True
             raise
-        if second is None:
-            return head
-        if second.cancel():  # the helper was busy with another caller's half: do ours here
-            rest = self.work(half, self.n)
-        else:
-            rest = second.result()
-        return _crc32_combine(head, rest, self.n - half)
+        finally:
+            if self.helper is not None and not self.helper.cancel():  # not cancelled: it has started
+                wait([self.helper])
+        if self.helper is not None and not self.helper.cancelled():
+            self.helper.result()  # its failure, if it failed
+        crc = self._crcs[0]
+        for i in range(1, len(self._crcs)):
+            crc = _crc32_combine(crc, self._crcs[i], min(self.n, (i + 1) * self.piece) - i * self.piece)
+        return crc
 
 
 def split_crc(n: int, work: Callable[[int, int], int], *, align: int = 1,
               first: Callable[[], object] | None = None) -> int:
-    """``SplitCrc(n, work, align=align).run(first)``: both halves started from this thread."""
+    """``SplitCrc(n, work, align=align).run(first)``."""
     return SplitCrc(n, work, align=align).run(first)
 
 
