@@ -518,3 +518,34 @@ def test_prefill_node_packs_kv_into_the_store_arena(tiny, tmp_path):
     finally:
         store_proc.proc.terminate()
         store_proc.proc.wait(timeout=10)
+
+
+def test_padded_batches_attend_without_copying_kv_heads_and_get_the_same_logits():
+    """The engine's attention (torch_attention) keeps grouped KV heads grouped under a padding mask
+    on CPU; transformers' sdpa copies them. Same kernel, same numbers: the logits of a padded batch
+    step (one long row, short ones left-padded) are bit-identical either way."""
+    from transformers.cache_utils import Cache
+
+    from pdgrpc.engine.torch_attention import NAME
+    from pdgrpc.engine.torch_kv import BufferLayer
+
+    model, _ = load_tiny_random(torch.float32)
+    assert model.config._attn_implementation == NAME
+    cfg = model.config
+    layers, heads, dim, rows, length = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 4, 300
+    gen = torch.Generator().manual_seed(0)
+    buf = torch.randn(layers, 2, rows, heads, length + 8, dim, generator=gen)
+    mask = torch.ones(rows, length + 1, dtype=torch.long)
+    mask[1:, :length - 20] = 0  # rows 1-3 hold 20 tokens, row 0 all 300
+    buf[:, :, 1:, :, :length - 20] = 0
+    ids = torch.randint(3, cfg.vocab_size, (rows, 1), generator=gen)
+    logits = {}
+    with torch.inference_mode():
+        for impl in ("sdpa", NAME):
+            model.set_attn_implementation(impl)
+            cache = Cache(layers=[BufferLayer(buf[i, 0].clone(), buf[i, 1].clone(), length) for i in range(layers)])
+            out = model(input_ids=ids, position_ids=torch.full((rows, 1), length), attention_mask=mask,
+                        past_key_values=cache, use_cache=True)
+            logits[impl] = out.logits
+    assert torch.equal(logits["sdpa"], logits[NAME])
+    assert not torch.equal(logits[NAME][0], logits[NAME][1])  # the rows really differ (not all padding)
