@@ -520,32 +520,49 @@ def test_prefill_node_packs_kv_into_the_store_arena(tiny, tmp_path):
         store_proc.proc.wait(timeout=10)
 
 
-def test_padded_batches_attend_without_copying_kv_heads_and_get_the_same_logits():
-    """The engine's attention (torch_attention) keeps grouped KV heads grouped under a padding mask
-    on CPU; transformers' sdpa copies them. Same kernel, same numbers: the logits of a padded batch
-    step (one long row, short ones left-padded) are bit-identical either way."""
+def _padded_step_logits(model, impl: str, short_tokens: int, length: int = 300):
+    """Logits of one decode step of 4 rows through ``impl``: row 0 holds ``length`` tokens, rows
+    1-3 ``short_tokens`` (left-padded)."""
     from transformers.cache_utils import Cache
 
-    from pdgrpc.engine.torch_attention import NAME
     from pdgrpc.engine.torch_kv import BufferLayer
 
-    model, _ = load_tiny_random(torch.float32)
-    assert model.config._attn_implementation == NAME
     cfg = model.config
-    layers, heads, dim, rows, length = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 4, 300
+    layers, heads, dim, rows = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 4
     gen = torch.Generator().manual_seed(0)
     buf = torch.randn(layers, 2, rows, heads, length + 8, dim, generator=gen)
     mask = torch.ones(rows, length + 1, dtype=torch.long)
-    mask[1:, :length - 20] = 0  # rows 1-3 hold 20 tokens, row 0 all 300
-    buf[:, :, 1:, :, :length - 20] = 0
+    mask[1:, :length - short_tokens] = 0
+    buf[:, :, 1:, :, :length - short_tokens] = 0
     ids = torch.randint(3, cfg.vocab_size, (rows, 1), generator=gen)
-    logits = {}
+    model.set_attn_implementation(impl)
     with torch.inference_mode():
-        for impl in ("sdpa", NAME):
-            model.set_attn_implementation(impl)
-            cache = Cache(layers=[BufferLayer(buf[i, 0].clone(), buf[i, 1].clone(), length) for i in range(layers)])
-            out = model(input_ids=ids, position_ids=torch.full((rows, 1), length), attention_mask=mask,
-                        past_key_values=cache, use_cache=True)
-            logits[impl] = out.logits
-    assert torch.equal(logits["sdpa"], logits[NAME])
-    assert not torch.equal(logits[NAME][0], logits[NAME][1])  # the rows really differ (not all padding)
+        cache = Cache(layers=[BufferLayer(buf[i, 0], buf[i, 1], length) for i in range(layers)])
+        return model(input_ids=ids, position_ids=torch.full((rows, 1), length), attention_mask=mask,
+                     past_key_values=cache, use_cache=True).logits[:, -1]
+
+
+def test_padded_decode_steps_attend_to_what_rows_hold_without_copying_kv_heads():
+    """The engine's attention (torch_attention) on CPU: with rows of similar length it is torch's
+    flash kernel with the KV heads kept grouped (transformers' sdpa copies them for any mask):
+    bit-identical logits. With a long row among short ones each group of rows attends only to its
+    own columns: the same logits up to float rounding, the same greedy tokens."""
+    from pdgrpc.engine.torch_attention import NAME, _groups
+
+    cols = 301
+    left_padded = torch.arange(cols) >= torch.tensor([0, cols - 21, cols - 21, cols - 21])[:, None]
+    plan = _groups(left_padded[:, None, None, :])
+    assert [(span, None if idx is None else idx.tolist(), masked) for span, idx, masked in plan] == \
+        [(301, [0], False), (21, [1, 2, 3], False)]
+    assert _groups(left_padded[[0, 0]][:, None, None, :]) is None  # nothing to skip
+    assert _groups(left_padded.flip(-1)[:, None, None, :]) is None  # not left padding
+
+    model, _ = load_tiny_random(torch.float32)
+    assert model.config._attn_implementation == NAME
+    similar = {impl: _padded_step_logits(model, impl, short_tokens=200) for impl in ("sdpa", NAME)}
+    assert torch.equal(similar["sdpa"], similar[NAME])
+    ragged = {impl: _padded_step_logits(model, impl, short_tokens=20) for impl in ("sdpa", NAME)}
+    torch.testing.assert_close(ragged[NAME], ragged["sdpa"], rtol=1e-5, atol=1e-5)
+    assert torch.equal(ragged[NAME].argmax(-1), ragged["sdpa"].argmax(-1))
+    assert not torch.equal(ragged[NAME][0], ragged[NAME][1])  # the rows really differ (not all padding)
+    model.set_attn_implementation(NAME)
