@@ -160,7 +160,6 @@ class KVStoreClient:
         self._arena_retry_at = 0.0
         self._reader = arenas.ArenaReader()
         self._auth = {"Authorization": f"Bearer {token}"} if token else {}
-        self._timeout_s = timeout_s
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None
 
