@@ -520,9 +520,11 @@ def test_prefill_node_packs_kv_into_the_store_arena(tiny, tmp_path):
         store_proc.proc.wait(timeout=10)
 
 
-def _padded_step_logits(model, impl: str, short_tokens: int, length: int = 300):
+def _padded_step_logits(model, impl: str, short_tokens: int, length: int = 300, pad_value: float = 0.0,
+                        hole: bool = False):
     """Logits of one decode step of 4 rows through ``impl``: row 0 holds ``length`` tokens, rows
-    1-3 ``short_tokens`` (left-padded)."""
+    1-3 ``short_tokens`` (left-padded with ``pad_value``); ``hole``: row 1 also masks a column in
+    the middle of what it holds (not left padding)."""
     from transformers.cache_utils import Cache
 
     from pdgrpc.engine.torch_kv import BufferLayer
@@ -533,7 +535,9 @@ def _padded_step_logits(model, impl: str, short_tokens: int, length: int = 300):
     buf = torch.randn(layers, 2, rows, heads, length + 8, dim, generator=gen)
     mask = torch.ones(rows, length + 1, dtype=torch.long)
     mask[1:, :length - short_tokens] = 0
-    buf[:, :, 1:, :, :length - short_tokens] = 0
+    if hole:
+        mask[1, length - 2] = 0
+    buf[:, :, 1:, :, :length - short_tokens] = pad_value
     ids = torch.randint(3, cfg.vocab_size, (rows, 1), generator=gen)
     model.set_attn_implementation(impl)
     with torch.inference_mode():
@@ -543,26 +547,32 @@ def _padded_step_logits(model, impl: str, short_tokens: int, length: int = 300):
 
 
 def test_padded_decode_steps_attend_to_what_rows_hold_without_copying_kv_heads():
-    """The engine's attention (torch_attention) on CPU: with rows of similar length it is torch's
-    flash kernel with the KV heads kept grouped (transformers' sdpa copies them for any mask):
-    bit-identical logits. With a long row among short ones each group of rows attends only to its
-    own columns: the same logits up to float rounding, the same greedy tokens."""
-    from pdgrpc.engine.torch_attention import NAME, _groups
+    """The engine's attention (torch_attention) on CPU. A decode step of a left-padded batch: each
+    row attends to the columns it holds and nothing else: the same logits as transformers' sdpa over
+    the zero-padded batch up to float rounding, the same greedy tokens, and garbage (NaN) in the
+    padding changes nothing once the engine says which columns rows hold (held_columns). Any other
+    mask: torch's flash kernel with the KV heads kept grouped (transformers' sdpa copies them):
+    bit-identical logits."""
+    from pdgrpc.engine.torch_attention import NAME, held_columns, left_padded_spans
 
     cols = 301
-    left_padded = torch.arange(cols) >= torch.tensor([0, cols - 21, cols - 21, cols - 21])[:, None]
-    plan = _groups(left_padded[:, None, None, :])
-    assert [(span, None if idx is None else idx.tolist(), masked) for span, idx, masked in plan] == \
-        [(301, [0], False), (21, [1, 2, 3], False)]
-    assert _groups(left_padded[[0, 0]][:, None, None, :]) is None  # nothing to skip
-    assert _groups(left_padded.flip(-1)[:, None, None, :]) is None  # not left padding
+    left_padded = torch.arange(cols) >= torch.tensor([0, cols - 21, cols - 21, cols - 51])[:, None]
+    assert left_padded_spans(left_padded[:, None, None, :]) == [301, 21, 21, 51]
+    assert left_padded_spans(left_padded[[0, 0]][:, None, None, :]) is None  # nothing to skip
+    assert left_padded_spans(left_padded.flip(-1)[:, None, None, :]) is None  # not left padding
 
     model, _ = load_tiny_random(torch.float32)
     assert model.config._attn_implementation == NAME
-    similar = {impl: _padded_step_logits(model, impl, short_tokens=200) for impl in ("sdpa", NAME)}
-    assert torch.equal(similar["sdpa"], similar[NAME])
-    ragged = {impl: _padded_step_logits(model, impl, short_tokens=20) for impl in ("sdpa", NAME)}
-    torch.testing.assert_close(ragged[NAME], ragged["sdpa"], rtol=1e-5, atol=1e-5)
-    assert torch.equal(ragged[NAME].argmax(-1), ragged["sdpa"].argmax(-1))
-    assert not torch.equal(ragged[NAME][0], ragged[NAME][1])  # the rows really differ (not all padding)
+    reference = _padded_step_logits(model, "sdpa", short_tokens=20)
+    ragged = _padded_step_logits(model, NAME, short_tokens=20)
+    torch.testing.assert_close(ragged, reference, rtol=1e-5, atol=1e-5)
+    assert torch.equal(ragged.argmax(-1), reference.argmax(-1))
+    assert not torch.equal(ragged[0], ragged[1])  # the rows really differ (not all padding)
+    with held_columns([301, 21, 21, 21]):
+        garbage = _padded_step_logits(model, NAME, short_tokens=20, pad_value=float("nan"))
+    assert torch.equal(garbage, ragged)
+    with held_columns([301, 21, 21]), pytest.raises(RuntimeError, match="do not fit"):
+        _padded_step_logits(model, NAME, short_tokens=20)
+    holed = {impl: _padded_step_logits(model, impl, short_tokens=200, hole=True) for impl in ("sdpa", NAME)}
+    assert torch.equal(holed["sdpa"], holed[NAME])
     model.set_attn_implementation(NAME)

@@ -9,13 +9,15 @@ does two costly things, both fixed here on CPU:
    with ``enable_gqa`` sends SDPA to its slow math kernel. Torch's CPU flash-attention kernel takes
    both: here SDPA gets the mask and ``enable_gqa`` and copies nothing. Same kernel, same numbers
    (bit-identical logits, ``tests/test_torch_engine.py``).
-2. Every row attends over the padded length. For a decode step (one query per row) of a left-padded
-   batch, rows are grouped by the columns they hold (the longest of a group at most twice the
-   shortest plus 64) and each group attends over its own span only (``_ragged_decode``). The same
-   sums in another order: logits equal up to float rounding (~1e-6 relative), the same greedy tokens.
+2. Every row attends over the padded length, and the padding must hold zeros (masked, but NaN * 0
+   is NaN). For a decode step (one query per row) of a left-padded batch each row here attends to
+   exactly the columns it holds, no mask (``_ragged_decode``): a long prompt among short ones costs
+   its own columns, not its length times the batch, a row's attention is the same whatever else is
+   in the batch, and the engine need not write the padding at all (``ATTENDS_TO_HELD_COLUMNS_ONLY``).
+   Logits equal those of the padded computation up to float rounding, the same greedy tokens.
 
-On one CPU core, a step of 5 sequences of 120 tokens and one of 1100 took 171 ms through
-transformers' sdpa, 110 ms with (1), 76 ms with (1) and (2), against 70 ms for 6 short ones (two
+On one CPU core, a step of 5 sequences of 120 tokens and one of 1100 took 171-472 ms through
+transformers' sdpa, 110 ms with (1), 73 ms with (1) and (2), against 67-70 ms for 6 short ones (two
 threads: 338 ms before). Everything else (no mask, CUDA, paged caches, position biases) goes to
 transformers' own function unchanged.
 
@@ -24,12 +26,31 @@ transformers' own function unchanged.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 NAME = "pdgrpc_sdpa"
+# Devices on which a decode step run inside ``held_columns`` through NAME reads only the columns each
+# row holds (see _ragged_decode), so the batch's padding may stay unwritten.
+ATTENDS_TO_HELD_COLUMNS_ONLY = {"cpu"}
 _registered = False
+_held: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("pdgrpc_held_columns", default=None)
+
+
+@contextlib.contextmanager
+def held_columns(spans: list[int]) -> Iterator[None]:
+    """Within it, a decode step's attention takes row i to hold the last ``spans[i]`` columns of
+    the cache (the new token included) and reads nothing else: the engine says so instead of the
+    mask being searched for it, and a batch whose padding was never written cannot be read."""
+    token = _held.set(spans)
+    try:
+        yield
+    finally:
+        _held.reset(token)
 
 
 def grouped_kv_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -38,15 +59,18 @@ def grouped_kv_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     """transformers' attention-function signature; output [B, q_len, heads, head_dim]."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if (attention_mask is None or query.device.type != "cpu" or getattr(module, "num_key_value_groups", 1) == 1
-            or kwargs.get("position_bias") is not None or kwargs.get("cache") is not None
-            or kwargs.get("output_attentions", False)):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
-    if query.shape[2] == 1 and attention_mask.dtype == torch.bool and dropout == 0.0:
+    extras = (kwargs.get("position_bias") is not None or kwargs.get("cache") is not None
+              or kwargs.get("output_attentions", False))
+    on_cpu = query.device.type == "cpu" and not extras
+    if on_cpu and query.shape[2] == 1 and dropout == 0.0 and (attention_mask is not None or _held.get() is not None):
         out = _ragged_decode(query, key, value, attention_mask, scaling)
         if out is not None:
             return out.transpose(1, 2).contiguous(), None
+    if _held.get() is not None:  # the caller left the padding unwritten: nothing else may read it
+        raise RuntimeError("held_columns is set but this attention call cannot honour it")
+    if attention_mask is None or not on_cpu or getattr(module, "num_key_value_groups", 1) == 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
     # With a mask transformers never asks for a causal kernel (the mask says it all); same here.
     out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
                                                            dropout_p=dropout, scale=scaling, is_causal=False,
@@ -54,56 +78,52 @@ def grouped_kv_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     return out.transpose(1, 2).contiguous(), None
 
 
-def _ragged_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+def _ragged_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
                    scaling: float | None) -> torch.Tensor | None:
-    """One decode step (one query per row) of a left-padded batch, attending only to the columns
-    rows hold (see ``_groups``): a long prompt among short ones then costs its own columns, not
-    its length times the batch, and neither does the padding a finished long sequence left
-    behind. None when there is nothing to skip or the mask is not left padding (the caller then
+    """One decode step (one query per row) of a left-padded batch: each row attends to exactly the
+    columns it holds, with no mask, so no padding is ever read (the engine leaves it unwritten) and
+    a row's attention is the same whatever else is in the batch. A long prompt among short ones
+    then costs its own columns, not its length times the batch, and neither does the padding a
+    finished long sequence left behind. None when the mask is not left padding (the caller then
     attends over all of it)."""
-    plan = getattr(mask, "_pdgrpc_groups", False)
-    if plan is False:  # the same mask object comes to every layer of a step: plan once per step
-        plan = _groups(mask)
-        mask._pdgrpc_groups = plan
-    if plan is None:
+    cols = key.shape[2]
+    spans = _held.get()
+    if spans is not None:
+        if len(spans) != query.shape[0] or not all(0 < span <= cols for span in spans):
+            raise RuntimeError(f"held_columns {spans} do not fit a batch of {query.shape[0]} rows, {cols} columns")
+    elif mask is None or mask.shape[-1] != cols:
         return None
-    cols = mask.shape[-1]
+    else:
+        spans = getattr(mask, "_pdgrpc_spans", False)
+        if spans is False:  # the same mask object comes to every layer of a step: work it out once per step
+            spans = left_padded_spans(mask)
+            mask._pdgrpc_spans = spans
+        if spans is None:
+            return None
+    if len(set(spans)) == 1:  # one span for all (padding left behind by sequences that finished)
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, key[:, :, cols - spans[0]:], value[:, :, cols - spans[0]:], scale=scaling, enable_gqa=True)
     out = query.new_empty(query.shape[0], query.shape[1], 1, value.shape[-1])
-    for span, idx, masked in plan:
-        q, k, v, m = query, key[:, :, cols - span:], value[:, :, cols - span:], mask[..., cols - span:]
-        if idx is not None:  # gather the group's rows (their spans only): copies of what they attend to
-            q, k, v, m = q.index_select(0, idx), k.index_select(0, idx), v.index_select(0, idx), m.index_select(0, idx)
-        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m if masked else None,
-                                                             scale=scaling, enable_gqa=True)
-        if idx is None:
-            return o
-        out.index_copy_(0, idx, o)
+    for row, span in enumerate(spans):  # views, no copies: ~15 us a call here, 30 layers x rows a step
+        out[row] = torch.nn.functional.scaled_dot_product_attention(
+            query[row:row + 1], key[row:row + 1, :, cols - span:], value[row:row + 1, :, cols - span:],
+            scale=scaling, enable_gqa=True)[0]
     return out
 
 
-def _groups(mask: torch.Tensor) -> list[tuple[int, torch.Tensor | None, bool]] | None:
-    """[(span, rows or None for all, whether some row holds less than span)]: rows grouped by the
-    columns they hold, the longest of a group at most twice the shortest plus 64. None when the
-    mask is not left padding ([B, 1, 1, cols], each row's valid columns a run at the right end)
-    or one group would span every column anyway."""
-    rows, cols = mask.shape[0], mask.shape[-1]
-    if mask.shape[1] != 1 or mask.shape[2] != 1:
+def left_padded_spans(mask: torch.Tensor) -> list[int] | None:
+    """How many columns each row holds, when ``mask`` ([B, 1, 1, cols], True = attend) is left
+    padding: each row's valid columns one run at the right end. None otherwise, or when no row is
+    padded (nothing to skip)."""
+    cols = mask.shape[-1]
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1 or mask.dtype != torch.bool:
         return None
     valid = mask[:, 0, 0]
     spans_t = valid.sum(-1)
     if not torch.equal(valid, torch.arange(cols, device=mask.device) >= (cols - spans_t)[:, None]):
         return None
     spans = spans_t.tolist()
-    groups: list[list[int]] = []
-    for r in sorted(range(rows), key=lambda r: -spans[r]):
-        if groups and spans[groups[-1][0]] <= 2 * spans[r] + 64:
-            groups[-1].append(r)
-        else:
-            groups.append([r])
-    if len(groups) == 1 and spans[groups[0][0]] == cols:
-        return None
-    return [(spans[g[0]], None if len(g) == rows else torch.tensor(g, device=mask.device),
-             any(spans[r] != spans[g[0]] for r in g)) for g in groups]
+    return None if all(span == cols for span in spans) or min(spans) == 0 else spans
 
 
 def _register() -> None:

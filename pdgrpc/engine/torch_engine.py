@@ -23,6 +23,7 @@ greedy output equals the sequences run alone and equals ``model.generate(do_samp
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import inspect
 import itertools
@@ -38,7 +39,7 @@ import torch
 
 from pdgrpc.engine.base import DecodeWork, Engine, KVGroup, PrefillWork, SampledToken, Tokenizer
 from pdgrpc.engine.registry import EngineOptions
-from pdgrpc.engine.torch_attention import use_grouped_kv_attention
+from pdgrpc.engine.torch_attention import ATTENDS_TO_HELD_COLUMNS_ONLY, NAME, held_columns, use_grouped_kv_attention
 from pdgrpc.engine.torch_kv import (
     DecodeBatch,
     SequenceState,
@@ -250,6 +251,9 @@ class TorchEngine(Engine):
         if self.device.type == "cuda":  # the compute thread's current device is the engine's
             self.compute.run(torch.cuda.set_device, self.device)
         self.model = self.compute.run(lambda: model.to(self.device).train(False))
+        # Decode batches leave their padding unwritten where attention reads only what rows hold.
+        self._attends_to_held_columns = (self.device.type in ATTENDS_TO_HELD_COLUMNS_ONLY
+                                         and getattr(model.config, "_attn_implementation", None) == NAME)
         self.tokenizer = tokenizer
         cfg = model.config
         self.dtype = next(model.parameters()).dtype
@@ -473,8 +477,13 @@ class TorchEngine(Engine):
             rows = batch.seqs  # the batch's row order, not necessarily the caller's
             input_ids = torch.tensor([[s.last_token] for s in rows], dtype=torch.long, device=self.device)
             position_ids = torch.tensor([[s.length] for s in rows], dtype=torch.long, device=self.device)
-            out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=batch.attention_mask(),
-                             use_cache=True, logits_to_keep=1, **{self._cache_kw: batch.cache()})
+            # Padding never written (see DecodeBatch.zero_padding): attention must read each row's own columns only.
+            held = (held_columns([s.length + 1 for s in rows]) if batch.padded and not batch.zero_padding
+                    else contextlib.nullcontext())
+            with held:
+                out = self.model(input_ids=input_ids, position_ids=position_ids,
+                                 attention_mask=batch.attention_mask(), use_cache=True, logits_to_keep=1,
+                                 **{self._cache_kw: batch.cache()})
             batch.length += 1
             for s in rows:
                 s.length += 1
@@ -524,7 +533,8 @@ class TorchEngine(Engine):
         """A new batch for this membership (every row copied); sequences leaving the old one get their
         own copy back."""
         old = self._batch
-        new = DecodeBatch(seqs, self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device, self.pool)
+        new = DecodeBatch(seqs, self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device, self.pool,
+                          zero_padding=not self._attends_to_held_columns)
         members = {s.serial for s in seqs}
         if old is not None:
             for s in list(old.seqs):

@@ -140,14 +140,17 @@ class DecodeBatch:
     SPARE_ROWS = 4  # rows for newcomers; unused rows cost address space, not memory, until written
 
     def __init__(self, seqs: list[SequenceState], layers: int, heads: int, dim: int, dtype: torch.dtype,
-                 device: torch.device, pool: TensorPool) -> None:
+                 device: torch.device, pool: TensorPool, *, zero_padding: bool = True) -> None:
         self.seqs = list(seqs)
         self.length = max(s.length for s in seqs)  # columns in use (common padded length)
         self.pool = pool
+        # Whether attention reads the padding (masked, but NaN * 0 is NaN: it must hold zeros). Not
+        # with torch_attention on CPU: each row attends to the columns it holds (held_columns), and
+        # the padding, up to a long prompt's length times the rows, is never written at all.
+        self.zero_padding = zero_padding
         cap = self._capacity(self.length)
         rows = len(seqs) + self.SPARE_ROWS
-        # Uninitialised (pooled): only the padding must be zeros (masked, but NaN * 0 is NaN);
-        # columns past `length` are written by each step before anything reads them.
+        # Uninitialised (pooled); columns past `length` are written by each step before anything reads them.
         self.buf, self._base = pool.take((layers, 2, rows, heads, cap, dim), dtype, device)
         self.mask = torch.ones(rows, cap, dtype=torch.long, device=device)
         for row, s in enumerate(self.seqs):
@@ -169,7 +172,8 @@ class DecodeBatch:
     def _fill_row(self, row: int, kv: torch.Tensor) -> None:
         """Row ``row`` holds ``kv`` ([L, 2, H, T, D], T <= length) right-aligned, zeros before it."""
         pad = self.length - kv.shape[-2]
-        self.buf[:, :, row, :, :pad].zero_()
+        if self.zero_padding:
+            self.buf[:, :, row, :, :pad].zero_()
         self.buf[:, :, row, :, pad:self.length].copy_(kv)
         self.mask[row].fill_(1)
         self.mask[row, :pad] = 0
@@ -193,7 +197,8 @@ class DecodeBatch:
         row, last = seq.row, len(self.seqs) - 1
         if row != last:  # the last row moves into the hole: one row copied, the batch stays dense
             moved = self.seqs[last]
-            self.buf[:, :, row, :, :self.length].copy_(self.buf[:, :, last, :, :self.length])
+            start = 0 if self.zero_padding else self.length - moved.length  # its padding too, if read
+            self.buf[:, :, row, :, start:self.length].copy_(self.buf[:, :, last, :, start:self.length])
             self.mask[row].copy_(self.mask[last])
             self.seqs[row], moved.row = moved, row
         self.seqs.pop()
@@ -206,7 +211,12 @@ class DecodeBatch:
         cap = self._capacity(self.length + extra)
         b = len(self.seqs)
         buf, base = self.pool.take((*self.buf.shape[:-2], cap, self.buf.shape[-1]), self.buf.dtype, self.buf.device)
-        buf[:, :, :b, :, :self.length].copy_(self.buf[:, :, :b, :, :self.length])
+        if self.zero_padding:
+            buf[:, :, :b, :, :self.length].copy_(self.buf[:, :, :b, :, :self.length])
+        else:  # each row's own columns only
+            for row, s in enumerate(self.seqs):
+                buf[:, :, row, :, self.length - s.length:self.length].copy_(
+                    self.buf[:, :, row, :, self.length - s.length:self.length])
         mask = torch.ones(self.mask.shape[0], cap, dtype=self.mask.dtype, device=self.mask.device)
         mask[:b, :self.length].copy_(self.mask[:b, :self.length])
         self.pool.give(self._base)
