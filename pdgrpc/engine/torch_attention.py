@@ -21,7 +21,7 @@ transformers' sdpa, 110 ms with (1), 73 ms with (1) and (2), against 67-70 ms fo
 threads: 338 ms before). Everything else (no mask, CUDA, paged caches, position biases) goes to
 transformers' own function unchanged.
 
-``use_grouped_kv_attention(model)`` switches a loaded model to it.
+``use_engine_attention(model)`` switches a loaded model to it.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def held_columns(spans: list[int]) -> Iterator[None]:
         _held.reset(token)
 
 
-def grouped_kv_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+def engine_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                     is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature; output [B, q_len, heads, head_dim]."""
@@ -133,12 +133,12 @@ def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    AttentionInterface.register(NAME, grouped_kv_sdpa)
+    AttentionInterface.register(NAME, engine_sdpa)
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)  # the masks transformers builds for sdpa
     _registered = True
 
 
-def use_grouped_kv_attention(model: Any) -> None:
-    """Make ``model`` (loaded with ``attn_implementation="sdpa"``) attend through ``grouped_kv_sdpa``."""
+def use_engine_attention(model: Any) -> None:
+    """Make ``model`` (loaded with ``attn_implementation="sdpa"``) attend through ``engine_sdpa``."""
     _register()
     model.set_attn_implementation(NAME)

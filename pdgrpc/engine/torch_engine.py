@@ -39,7 +39,7 @@ import torch
 
 from pdgrpc.engine.base import DecodeWork, Engine, KVGroup, PrefillWork, SampledToken, Tokenizer
 from pdgrpc.engine.registry import EngineOptions
-from pdgrpc.engine.torch_attention import ATTENDS_TO_HELD_COLUMNS_ONLY, NAME, held_columns, use_grouped_kv_attention
+from pdgrpc.engine.torch_attention import ATTENDS_TO_HELD_COLUMNS_ONLY, NAME, held_columns, use_engine_attention
 from pdgrpc.engine.torch_kv import (
     DecodeBatch,
     SequenceState,
@@ -135,7 +135,7 @@ def load_tiny_random(dtype: torch.dtype) -> tuple[Any, str]:
         torch.manual_seed(TINY_RANDOM_SEED)
         model = LlamaForCausalLM(config)
     model = model.to(dtype).train(False)  # inference mode (no dropout)
-    use_grouped_kv_attention(model)
+    use_engine_attention(model)
     return model, json.dumps(config.to_dict(), sort_keys=True, default=str)
 
 
@@ -146,7 +146,7 @@ def load_folder(path: str, dtype: torch.dtype) -> tuple[Any, Any, str]:
     with open(os.path.join(path, "config.json")) as f:
         config_text = f.read()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").train(False)
-    use_grouped_kv_attention(model)
+    use_engine_attention(model)
     tok = AutoTokenizer.from_pretrained(path)
     return model, tok, config_text
 
