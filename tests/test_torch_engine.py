@@ -576,3 +576,37 @@ def test_padded_decode_steps_attend_to_what_rows_hold_without_copying_kv_heads()
     holed = {impl: _padded_step_logits(model, impl, short_tokens=200, hole=True) for impl in ("sdpa", NAME)}
     assert torch.equal(holed["sdpa"], holed[NAME])
     model.set_attn_implementation(NAME)
+
+
+@pytest.mark.parametrize("zero_padding", [True, False])
+def test_decode_batch_keeps_each_rows_own_columns_through_leaves_and_growth(zero_padding):
+    """DecodeBatch with its padding written (zeros) or left alone: after a leave from the middle
+    (the last row moves into the hole) and a growth of the buffer, every row still holds exactly its
+    own KV at the right end, and with zero_padding the padding is zeros."""
+    from pdgrpc.engine.base import DecodeWork
+    from pdgrpc.engine.tensor_pool import TensorPool
+    from pdgrpc.engine.torch_kv import DecodeBatch, SequenceState, kv_view
+
+    layers, heads, dim = 2, 2, 64  # big enough for the pool (TensorPool.MIN_BYTES)
+    gen = torch.Generator().manual_seed(0)
+    pool = TensorPool()
+    garbage = torch.full((layers, 2, 12, heads, 600, dim), float("nan"))
+    pool.give(garbage.view(-1).view(torch.uint8))  # pooled memory full of NaN, as reused memory may be
+    seqs = []
+    for i, length in enumerate([40, 300, 7, 120]):
+        kv = torch.randn(layers, 2, heads, length, dim, generator=gen)
+        seqs.append(SequenceState(serial=i, work=DecodeWork(f"r{i}", [1] * length, SamplingParams()),
+                                  prompt_len=length, kv=kv, length=length, ready=True))
+    own = {s.serial: s.kv.clone() for s in seqs}
+    batch = DecodeBatch(seqs, layers, heads, dim, torch.float32, torch.device("cpu"), pool, zero_padding=zero_padding)
+    assert batch.buf.data_ptr() == garbage.data_ptr()  # it got the NaN-filled buffer
+    for s in seqs:
+        s.batch, s.row, s.kv = batch, seqs.index(s), None
+    batch.remove(seqs[1])  # the longest leaves from the middle: row 3 moves into row 1
+    for s in batch.seqs:
+        assert torch.equal(kv_view(s), own[s.serial])
+    batch.ensure_room(batch.buf.shape[-2] - batch.length + 1)  # more than the buffer holds: it grows
+    for s in batch.seqs:
+        assert torch.equal(kv_view(s), own[s.serial])
+        pad = batch.buf[:, :, s.row, :, :batch.length - s.length]
+        assert torch.equal(pad, torch.zeros_like(pad)) or not zero_padding
