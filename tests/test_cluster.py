@@ -243,3 +243,47 @@ def test_colocated_mode_matches_disaggregated(local_cluster):
         assert all(r.final.prefill_node == r.final.decode_node == "colocated-0" for r in rb)
         assert rb[0].final.timings.kv_groups == 0  # nothing went through the store
         assert [n.name for n in b.cluster_status().nodes] == ["colocated-0"]
+
+
+def test_prefill_runs_a_batch_shortest_prompt_first():
+    """Prompts queued together run shortest first: a short prompt that arrived behind a long one
+    does not wait for the long one's whole prefill (the engine prefills a batch one prompt after
+    another)."""
+    from pdgrpc.engine.mock import MockEngine, MockEngineConfig
+    from pdgrpc.kvstore import KVStoreClient
+    from pdgrpc.nodes.engine_thread import EngineThread
+    from pdgrpc.nodes.prefill_service import PrefillLimits, PrefillService
+    from pdgrpc.types import PrefillDone, PrefillRequest, Prompt, SamplingParams
+
+    port = free_port_base()
+    store_proc = Proc(pdgrpc_cmd("kvstore", "--port", str(port), "--max-memory", "256MB"))
+    try:
+        store_proc.wait_for_line("kvstore ")
+        engine = MockEngine(MockEngineConfig(prefill_cost_per_token_s=0.001))
+
+        async def run() -> list[str]:
+            finished: list[str] = []
+            async with KVStoreClient(f"127.0.0.1:{port}") as store:
+                service = PrefillService("p", engine, EngineThread("t"), store, PrefillLimits())
+                service.start()
+
+                async def one(rid: str, tokens: int) -> None:
+                    req = PrefillRequest(rid, Prompt(token_ids=tuple([5] * tokens)), SamplingParams(max_tokens=1))
+                    async for ev in service.prefill(req):
+                        if isinstance(ev, PrefillDone):
+                            finished.append(rid)
+                    await store.release_owner(rid)
+
+                try:
+                    blocker = asyncio.ensure_future(one("blocker", 300))  # keeps the engine busy ~0.3 s
+                    await asyncio.sleep(0.1)
+                    # queued in this order while the blocker runs: one batch, run shortest first
+                    await asyncio.gather(one("long", 400), one("short-a", 10), one("short-b", 20), blocker)
+                finally:
+                    await service.stop()
+            return finished
+
+        assert asyncio.run(run()) == ["blocker", "short-a", "short-b", "long"]
+    finally:
+        store_proc.proc.terminate()
+        store_proc.proc.wait(timeout=10)
