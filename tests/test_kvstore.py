@@ -820,7 +820,7 @@ def test_split_copy_and_checksum_match_zlib(monkeypatch, size):
     assert dst == src
     assert shm.checksum_split(src).run() == zlib.crc32(src)
     sent = []
-    assert arena.copy_with_crc(memoryview(bytearray(size)), memoryview(src), first=lambda: sent.append(1)) \
+    assert arena.start_copy_with_crc(memoryview(bytearray(size)), memoryview(src)).run(first=lambda: sent.append(1)) \
         == zlib.crc32(src)
     assert sent == [1]
 

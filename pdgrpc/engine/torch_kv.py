@@ -170,13 +170,19 @@ class DecodeBatch:
         return self.buf.shape[2]
 
     def _fill_row(self, row: int, kv: torch.Tensor) -> None:
-        """Row ``row`` holds ``kv`` ([L, 2, H, T, D], T <= length) right-aligned, zeros before it."""
+        """Row ``row`` holds ``kv`` ([L, 2, H, T, D], T <= length) right-aligned, zeros before it
+        where attention reads the padding."""
         pad = self.length - kv.shape[-2]
         if self.zero_padding:
             self.buf[:, :, row, :, :pad].zero_()
         self.buf[:, :, row, :, pad:self.length].copy_(kv)
         self.mask[row].fill_(1)
         self.mask[row, :pad] = 0
+
+    def _kept_from(self, seq: SequenceState) -> int:
+        """The first column of ``seq``'s row worth keeping when the row is copied: its own KV, and its
+        zeros before that where attention reads the padding."""
+        return 0 if self.zero_padding else self.length - seq.length
 
     def _update_padded(self) -> None:
         self.padded = any(s.length != self.length for s in self.seqs)
@@ -197,7 +203,7 @@ class DecodeBatch:
         row, last = seq.row, len(self.seqs) - 1
         if row != last:  # the last row moves into the hole: one row copied, the batch stays dense
             moved = self.seqs[last]
-            start = 0 if self.zero_padding else self.length - moved.length  # its padding too, if read
+            start = self._kept_from(moved)
             self.buf[:, :, row, :, start:self.length].copy_(self.buf[:, :, last, :, start:self.length])
             self.mask[row].copy_(self.mask[last])
             self.seqs[row], moved.row = moved, row
@@ -211,12 +217,9 @@ class DecodeBatch:
         cap = self._capacity(self.length + extra)
         b = len(self.seqs)
         buf, base = self.pool.take((*self.buf.shape[:-2], cap, self.buf.shape[-1]), self.buf.dtype, self.buf.device)
-        if self.zero_padding:
-            buf[:, :, :b, :, :self.length].copy_(self.buf[:, :, :b, :, :self.length])
-        else:  # each row's own columns only
-            for row, s in enumerate(self.seqs):
-                buf[:, :, row, :, self.length - s.length:self.length].copy_(
-                    self.buf[:, :, row, :, self.length - s.length:self.length])
+        for row, s in enumerate(self.seqs):
+            start = self._kept_from(s)
+            buf[:, :, row, :, start:self.length].copy_(self.buf[:, :, row, :, start:self.length])
         mask = torch.ones(self.mask.shape[0], cap, dtype=self.mask.dtype, device=self.mask.device)
         mask[:b, :self.length].copy_(self.mask[:b, :self.length])
         self.pool.give(self._base)

@@ -38,7 +38,6 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -99,16 +98,15 @@ def map_arena(name: str, *, writable: bool) -> mmap.mmap:
         os.close(fd)
 
 
-def copy_with_crc(dst: memoryview, src: memoryview, *, first: Callable[[], object] | None = None) -> int:
+def copy_with_crc(dst: memoryview, src: memoryview) -> int:
     """Copy ``src`` into ``dst`` (same length) and return the CRC-32 of the bytes, in one pass over
     memory: each chunk is checksummed right after it was copied, while it is still in cache.
     Both steps run without the GIL (ctypes.memmove, zlib's crc32), so a thread doing this leaves
     the caller's event loop free; a big buffer is shared by two threads (shm.SplitCrc).
 
     The CRC is taken of ``dst``, the bytes as they now are where they were copied to: a reader
-    that copies out this way verifies what it holds, not what the source held a moment before.
-    ``first()``: see shm.SplitCrc.run (a writer sends its commit there)."""
-    return start_copy_with_crc(dst, src).run(first)
+    that copies out this way verifies what it holds, not what the source held a moment before."""
+    return start_copy_with_crc(dst, src).run()
 
 
 def start_copy_with_crc(dst: memoryview, src: memoryview) -> shm.SplitCrc:

@@ -72,9 +72,9 @@ class SplitCrc:
     can be joined.
 
     The bytes are cut into ``PIECES`` pieces (at ``align`` boundaries) that both threads take in turn
-    until none is left, and the pieces' CRCs are joined in order. Whichever thread starts late (a
-    helper waking, a caller still building a request) just takes fewer pieces: with fixed halves
-    the late one's half decided when both were done. The helper starts when this object is made,
+    until none is left, and the pieces' CRCs are joined in order. Whichever thread starts late (the
+    helper waking, or busy with another caller's pieces) just takes fewer: with fixed halves the
+    late one's half decided when both were done. The helper starts when this object is made,
     ``run()`` works on the calling thread. ``work`` must release the GIL for most of its time
     (ctypes.memmove and zlib-ng's crc32 do)."""
 
@@ -104,8 +104,8 @@ class SplitCrc:
                 raise
 
     def run(self, first: Callable[[], object] | None = None) -> int:
-        """The CRC of all ``n`` bytes. ``first()``, if given, runs here before this thread's work:
-        what it does (a request sent) overlaps the helper's. Returns only once the helper is done
+        """The CRC of all ``n`` bytes. ``first()``, if given, runs here before this thread takes a
+        piece, while the helper already works. Returns only once the helper is done
         with its pieces too, also when raising: the caller's buffers are free to go then."""
         try:
             if first is not None:
@@ -123,12 +123,6 @@ class SplitCrc:
         for i in range(1, len(self._crcs)):
             crc = _crc32_combine(crc, self._crcs[i], min(self.n, (i + 1) * self.piece) - i * self.piece)
         return crc
-
-
-def split_crc(n: int, work: Callable[[int, int], int], *, align: int = 1,
-              first: Callable[[], object] | None = None) -> int:
-    """``SplitCrc(n, work, align=align).run(first)``."""
-    return SplitCrc(n, work, align=align).run(first)
 
 
 def checksum_split(data) -> SplitCrc:
