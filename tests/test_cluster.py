@@ -248,7 +248,8 @@ def test_colocated_mode_matches_disaggregated(local_cluster):
 def test_prefill_runs_a_batch_shortest_prompt_first():
     """Prompts queued together run shortest first: a short prompt that arrived behind a long one
     does not wait for the long one's whole prefill (the engine prefills a batch one prompt after
-    another)."""
+    another). The scheduler starts only once all three are queued, so they form one batch whatever
+    the machine's load."""
     from pdgrpc.engine.mock import MockEngine, MockEngineConfig
     from pdgrpc.kvstore import KVStoreClient
     from pdgrpc.nodes.engine_thread import EngineThread
@@ -265,7 +266,6 @@ def test_prefill_runs_a_batch_shortest_prompt_first():
             finished: list[str] = []
             async with KVStoreClient(f"127.0.0.1:{port}") as store:
                 service = PrefillService("p", engine, EngineThread("t"), store, PrefillLimits())
-                service.start()
 
                 async def one(rid: str, tokens: int) -> None:
                     req = PrefillRequest(rid, Prompt(token_ids=tuple([5] * tokens)), SamplingParams(max_tokens=1))
@@ -274,16 +274,27 @@ def test_prefill_runs_a_batch_shortest_prompt_first():
                             finished.append(rid)
                     await store.release_owner(rid)
 
+                tasks = []
                 try:
-                    blocker = asyncio.ensure_future(one("blocker", 300))  # keeps the engine busy ~0.3 s
-                    await asyncio.sleep(0.1)
-                    # queued in this order while the blocker runs: one batch, run shortest first
-                    await asyncio.gather(one("long", 400), one("short-a", 10), one("short-b", 20), blocker)
+                    for rid, tokens in [("long", 400), ("short-a", 10), ("short-b", 20)]:  # arrival order
+                        tasks.append(asyncio.ensure_future(one(rid, tokens)))
+                        assert await _until(lambda n=len(tasks): service.queued == n)
+                    service.start()
+                    await asyncio.gather(*tasks)
                 finally:
                     await service.stop()
             return finished
 
-        assert asyncio.run(run()) == ["blocker", "short-a", "short-b", "long"]
+        assert asyncio.run(run()) == ["short-a", "short-b", "long"]
     finally:
         store_proc.proc.terminate()
         store_proc.proc.wait(timeout=10)
+
+
+async def _until(pred, timeout_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
