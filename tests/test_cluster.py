@@ -260,7 +260,14 @@ def test_prefill_runs_a_batch_shortest_prompt_first():
     store_proc = Proc(pdgrpc_cmd("kvstore", "--port", str(port), "--max-memory", "256MB"))
     try:
         store_proc.wait_for_line("kvstore ")
-        engine = MockEngine(MockEngineConfig(prefill_cost_per_token_s=0.001))
+        ran: list[str] = []  # the order the engine was given the prompts (finish order also hangs on the store)
+
+        class RecordingEngine(MockEngine):
+            def prefill(self, works):
+                ran.extend(w.request_id for w in works)
+                yield from super().prefill(works)
+
+        engine = RecordingEngine(MockEngineConfig(prefill_cost_per_token_s=0.001))
 
         async def run() -> list[str]:
             finished: list[str] = []
@@ -285,7 +292,9 @@ def test_prefill_runs_a_batch_shortest_prompt_first():
                     await service.stop()
             return finished
 
-        assert asyncio.run(run()) == ["short-a", "short-b", "long"]
+        finished = asyncio.run(run())
+        assert ran == ["short-a", "short-b", "long"]
+        assert finished[-1] == "long"
     finally:
         store_proc.proc.terminate()
         store_proc.proc.wait(timeout=10)
