@@ -41,12 +41,12 @@ def _free_port() -> int:
 
 
 class StoreProcess:
-    def __init__(self, tmp_dir, *extra: str) -> None:
-        self.port = _free_port()
+    def __init__(self, tmp_dir, *extra: str, port: int | None = None) -> None:
+        self.port = port or _free_port()
         self.address = f"127.0.0.1:{self.port}"
         env = dict(os.environ)
         env.pop("PDGRPC_STORE_TOKEN", None)
-        self.stderr_path = tmp_dir / f"kvstore-{self.port}.stderr"
+        self.stderr_path = tmp_dir / f"kvstore-{self.port}-{time.monotonic_ns()}.stderr"
         self._stderr = open(self.stderr_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pdgrpc", "kvstore", "--port", str(self.port), "--max-memory", "8MB", *extra],
@@ -481,6 +481,143 @@ async def test_closed_port_is_unavailable():
     assert await client.health() is False
     assert time.monotonic() - start < 5
     await client.close()
+
+
+class ScriptedStore:
+    """A TCP server that answers each request on a connection with the next of ``answers`` (raw
+    bytes; None: read the request, answer nothing) and records the requests it read."""
+
+    def __init__(self, answers: list[bytes | None]) -> None:
+        self.answers = list(answers)
+        self.requests: list[bytes] = []
+        self.connections = 0
+        self.handlers: list[asyncio.Task] = []
+
+    async def __aenter__(self):
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.address = f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.server.close()
+        for task in self.handlers:
+            task.cancel()
+        await asyncio.gather(*self.handlers, return_exceptions=True)
+        await self.server.wait_closed()
+
+    async def _serve(self, reader, writer) -> None:
+        self.connections += 1
+        self.handlers.append(asyncio.current_task())
+        try:
+            while self.answers:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+                self.requests.append(head + await reader.readexactly(length))
+                answer = self.answers.pop(0)
+                if answer is None:
+                    await asyncio.sleep(3600)
+                writer.write(answer)
+                await writer.drain()
+                if b"Connection: close" in answer:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def _http_answer(status: int, body: dict, *extra: str) -> bytes:
+    data = json.dumps(body).encode()
+    head = "".join(f"{h}\r\n" for h in extra)
+    head = f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n{head}\r\n"
+    return head.encode() + data
+
+
+async def test_json_calls_reuse_one_connection(store):
+    async with KVStoreClient(store, use_shm=False) as client:
+        for i in range(20):
+            await client.write_json(f"reuse-{i}", i, owner="reuse")
+            assert await client.read_json(f"reuse-{i}") == i
+        assert len(client._channel._open) == 1  # 40 calls, one after another: one connection
+        calls = [client.read_json(f"reuse-{i}") for i in range(5)]
+        assert await asyncio.gather(*calls) == list(range(5))  # at once: one connection each
+        assert await client.release_owner("reuse") == 20
+
+
+async def test_json_call_errors_are_mapped_and_the_connection_kept():
+    answers = [_http_answer(507, {"error": "full", "code": "RESOURCE_EXHAUSTED"}),
+               _http_answer(404, {"error": "no such key"}),
+               b"HTTP/1.1 500 X\r\nContent-Length: 4\r\n\r\noops",
+               _http_answer(200, {"stats": {"total_keys": 7}})]
+    async with ScriptedStore(answers) as fake, KVStoreClient(fake.address, use_shm=False, token=TOKEN) as client:
+        with pytest.raises(ResourceExhausted, match="full"):
+            await client.renew("o", 5)
+        assert await client.release("gone") is False
+        with pytest.raises(Unavailable, match="oops"):
+            await client.stats()
+        assert (await client.stats())["total_keys"] == 7
+        assert fake.connections == 1
+    assert fake.requests[0].startswith(b"POST /v1/lease/renew HTTP/1.1\r\n")
+    assert f"Authorization: Bearer {TOKEN}\r\n".encode() in fake.requests[0]
+    assert fake.requests[0].endswith(b'{"owner": "o", "lease_s": 5}')
+    assert fake.requests[1].startswith(b"DELETE /release/gone HTTP/1.1\r\n")
+
+
+async def test_json_call_without_an_answer_times_out_and_a_closed_connection_is_replaced():
+    answers = [_http_answer(200, {"stats": {}}, "Connection: close"), None, _http_answer(200, {"stats": {"n": 1}}),
+               b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n{", b"garbage\r\n\r\n",
+               _http_answer(200, {"stats": {"n": 2}})]
+    async with ScriptedStore(answers) as fake, KVStoreClient(fake.address, use_shm=False, timeout_s=1) as client:
+        assert await client.stats() == {}  # the store closes this connection after answering
+        start = time.monotonic()
+        with pytest.raises(Unavailable, match="did not answer within 1 s"):
+            await client.stats()
+        assert time.monotonic() - start < 5
+        assert (await client.stats()) == {"n": 1}  # a new connection, the silent one is closed
+        with pytest.raises(Unavailable, match="not JSON"):
+            await client.stats()
+        with pytest.raises(Unavailable, match="malformed answer"):
+            await client.stats()
+        assert (await client.stats()) == {"n": 2}
+        assert not client._channel._idle or len(client._channel._open) == 1
+    assert fake.connections == 4
+
+
+async def test_cancelled_json_call_closes_its_connection():
+    async with ScriptedStore([None, _http_answer(200, {"stats": {"n": 3}})]) as fake, \
+            KVStoreClient(fake.address, use_shm=False) as client:
+        call = asyncio.ensure_future(client.stats())
+        while not fake.requests:
+            await asyncio.sleep(0.01)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await asyncio.sleep(0)
+        assert not client._channel._open  # its state was unknown: closed, not pooled
+        assert (await client.stats()) == {"n": 3}
+    assert fake.connections == 2
+
+
+async def test_json_calls_survive_a_store_restart(tmp_path):
+    first = StoreProcess(tmp_path)
+    client = KVStoreClient(first.address, use_shm=False, timeout_s=5)
+    try:
+        await client.write_json("before", 1)
+        port = first.port
+        assert first.stop() == 0
+        with pytest.raises(Unavailable):
+            await client.read_json("before")
+        second = StoreProcess(tmp_path, port=port)
+        try:
+            with pytest.raises(NotFound):  # the pooled connection died with the first store: a new one
+                await client.read_json("before")
+            await client.write_json("after", 2)
+            assert await client.read_json("after") == 2
+            assert await client.release("after")
+        finally:
+            assert second.stop() == 0
+    finally:
+        await client.close()
 
 
 def test_metrics_exposed(store):
