@@ -144,6 +144,8 @@ class ClusterConfig:
                 raise ConfigError(f"node {n.name}: cpus {list(n.cpus)} outside 0-{cpus - 1}")
             if n.max_requests <= 0 or n.max_batch <= 0:
                 raise ConfigError(f"node {n.name}: max_requests and max_batch must be > 0")
+            if n.engine.prefill_chunk_tokens < 0:
+                raise ConfigError(f"node {n.name}: prefill_chunk_tokens must be >= 0 (0: no chunks)")
         parse_size(self.store.max_memory)
         return self
 
@@ -169,7 +171,7 @@ def _engine_options(raw: dict, defaults: EngineOptions) -> EngineOptions:
 
 _NODE_KEYS = {"name", "host", "port", "metrics_port", "cpus", "engine", "model", "device", "dtype", "threads",
               "max_requests", "max_batch", "mock_prefill_cost_per_token_s", "mock_decode_cost_per_step_s",
-              "mock_layers_per_group"}
+              "mock_layers_per_group", "prefill_chunk_tokens"}
 
 
 def _section(cls, raw: dict, where: str):

@@ -300,6 +300,84 @@ def test_prefill_runs_a_batch_shortest_prompt_first():
         store_proc.proc.wait(timeout=10)
 
 
+def test_prefill_node_hands_arrivals_to_a_chunking_engine_between_chunks():
+    """With an engine that prefills in chunks, a prompt queued while a long one runs joins the
+    running batch at the next chunk boundary (``more``) instead of waiting for the next batch, and
+    the two results reach their own callers. The engine here stops at its first boundary until the
+    short prompt is queued, so the test does not hang on timing."""
+    import threading
+
+    from pdgrpc.engine.base import KVGroup, PrefillWork
+    from pdgrpc.engine.mock import MockEngine, MockEngineConfig
+    from pdgrpc.kvstore import KVStoreClient
+    from pdgrpc.nodes.engine_thread import EngineThread
+    from pdgrpc.nodes.prefill_service import PrefillLimits, PrefillService
+    from pdgrpc.types import PrefillDone, PrefillRequest, Prompt, SamplingParams
+
+    port = free_port_base()
+    store_proc = Proc(pdgrpc_cmd("kvstore", "--port", str(port), "--max-memory", "256MB"))
+    try:
+        store_proc.wait_for_line("kvstore ")
+        at_boundary, short_queued = threading.Event(), threading.Event()
+        calls: list[list[str]] = []   # request ids of each prefill() call, joiners included
+        first_tokens: list[str] = []  # the order the engine produced first tokens in
+
+        class ChunkingEngine(MockEngine):
+            prefill_joins = True
+
+            def prefill(self, works, more=None):
+                works = list(works)
+                at_boundary.set()  # "one chunk of the long prompt done"
+                assert short_queued.wait(30)
+                works.extend(more())
+                calls.append([w.request_id for w in works])
+                for i in sorted(range(len(works)), key=lambda i: len(works[i].prompt_token_ids)):
+                    for _, item in super().prefill([works[i]]):
+                        if not isinstance(item, KVGroup):
+                            first_tokens.append(works[i].request_id)
+                        yield i, item
+
+        engine = ChunkingEngine(MockEngineConfig())
+
+        async def run() -> dict[str, int]:
+            done: dict[str, int] = {}
+            async with KVStoreClient(f"127.0.0.1:{port}") as store:
+                service = PrefillService("p", engine, EngineThread("t"), store, PrefillLimits())
+                service.start()
+
+                async def one(rid: str, tokens: int) -> None:
+                    req = PrefillRequest(rid, Prompt(token_ids=tuple([5 + tokens % 7] * tokens)),
+                                         SamplingParams(max_tokens=2))
+                    async for ev in service.prefill(req):
+                        if isinstance(ev, PrefillDone):
+                            done[rid] = ev.first_token_id
+                    await store.release_owner(rid)
+
+                try:
+                    long_task = asyncio.ensure_future(one("long", 300))
+                    assert await _until(at_boundary.is_set)
+                    short_task = asyncio.ensure_future(one("short", 12))
+                    assert await _until(lambda: service.queued == 1)
+                    short_queued.set()
+                    await asyncio.gather(long_task, short_task)
+                    assert service.queued == 0 and service.running == 0
+                finally:
+                    await service.stop()
+            return done
+
+        done = asyncio.run(run())
+        assert calls == [["long", "short"]]  # one engine call: the short prompt joined it
+        assert first_tokens == ["short", "long"]
+        solo = MockEngine(MockEngineConfig())
+        for rid, tokens in (("long", 300), ("short", 12)):
+            work = PrefillWork(rid, [5 + tokens % 7] * tokens, SamplingParams(max_tokens=2))
+            want = [it for _, it in solo.prefill([work])]
+            assert done[rid] == want[-1].token_id
+    finally:
+        store_proc.proc.terminate()
+        store_proc.proc.wait(timeout=10)
+
+
 async def _until(pred, timeout_s: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while not pred():

@@ -62,6 +62,24 @@ def clusters(tmp_path_factory):
     disagg.stop()
 
 
+CHUNK = 256
+
+
+@pytest.fixture(scope="module")
+def chunked_clusters(tmp_path_factory):
+    """The same pair with chunked prefill (prompts over CHUNK tokens run in chunks of it)."""
+    args = ("--engine", "torch", "--prefill-chunk-tokens", str(CHUNK))
+    disagg = start_local_cluster(tmp_path_factory.mktemp("torch-dc"), node_args=args)
+    try:
+        coloc = start_local_cluster(tmp_path_factory.mktemp("torch-cc"), colocated=1, node_args=args)
+    except BaseException:
+        disagg.stop()
+        raise
+    yield disagg, coloc
+    coloc.stop()
+    disagg.stop()
+
+
 def _run_all(address: str, prompts: list[list[int]]):
     """All prompts in flight at once, so prefill and decode batching are exercised."""
     with Client(address) as client, concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
@@ -106,3 +124,21 @@ def test_seeded_sampling_is_reproducible_across_runs(clusters):
         other_seed = a.complete("Write a short poem about the sea.", **{**kwargs, "seed": 99}).token_ids
     assert first == again == coloc_run
     assert first != other_seed
+
+
+def test_chunked_prefill_disaggregated_equals_colocated(chunked_clusters, reference):
+    """Chunked prefill keeps the invariant: disaggregated = colocated token for token when both
+    chunk alike (the 1,500-token prompt runs in 6 chunks, all in flight with the others). Prompts
+    of up to one chunk are one forward, so they still equal transformers' generate()."""
+    disagg, coloc = chunked_clusters
+    prompts, expected = reference
+    res_disagg = _run_all(disagg.coordinator, prompts)
+    got_disagg = [list(r.token_ids) for r in res_disagg]
+    got_coloc = [list(r.token_ids) for r in _run_all(coloc.coordinator, prompts)]
+    assert max(len(p) for p in prompts) > 5 * CHUNK
+    for i, (want, a, b) in enumerate(zip(expected, got_disagg, got_coloc)):
+        assert a == b, f"prompt {i} ({len(prompts[i])} tokens): disaggregated {a} != colocated {b}"
+        if len(prompts[i]) <= CHUNK:
+            assert a == want, f"prompt {i} ({len(prompts[i])} tokens): pdgrpc {a} != transformers {want}"
+    assert disagg.store_stats()["total_keys"] == 0
+    assert res_disagg[-1].final.timings.kv_groups == 5  # the long prompt's KV still goes out group by group

@@ -59,7 +59,7 @@ def prefill_all(engine: TorchEngine, ids: list[int], sampling: SamplingParams = 
         if isinstance(item, KVGroup):
             assert first is None, "KV groups must come before the token"
             groups.append(item)
-        else:
+        elif item is not None:  # None: a chunk boundary
             first = item
     assert first is not None
     return groups, first
@@ -191,6 +191,85 @@ def test_tiny_prefill_packs_kv_into_buffers_it_is_given(tiny):
         tiny.kv_buffer = None
     assert [g.data is b for g, b in zip(packed, given)] == [True, True]
     assert [bytes(g.data) for g in packed] == [bytes(g.data) for g in plain]
+
+
+def _prefill_items(engine: TorchEngine, works: list[PrefillWork], more=None) -> list[tuple[int, object]]:
+    """What prefill yields, less the chunk boundaries (None)."""
+    return [(i, it) for i, it in (engine.prefill(works, more) if more else engine.prefill(works)) if it is not None]
+
+
+@pytest.mark.parametrize("chunk", [7, 13, 40, 64])
+def test_tiny_chunked_prefill_matches_one_forward(chunk):
+    """A prompt prefilled in chunks gives the KV and first token of one forward (up to float
+    rounding: the matmuls have other shapes), in the same groups over all of its tokens; one no
+    longer than a chunk is one forward, bit for bit. Decoding from it goes on the same way."""
+    plain, chunked = tiny_engine(), tiny_engine()
+    chunked.prefill_chunk_tokens, chunked.prefill_joins = chunk, True
+    try:
+        ids = plain.tokenizer.encode("chunk by chunk, the cache carries on. " * 2)[:40]
+        want = _prefill_items(plain, [PrefillWork("a", ids, GREEDY)])
+        got = _prefill_items(chunked, [PrefillWork("a", ids, GREEDY)])
+        assert [type(it) for _, it in got] == [type(it) for _, it in want]
+        for (_, a), (_, b) in zip(got[:-1], want[:-1]):
+            assert (a.layer_start, a.layer_end, a.token_start, a.token_end) == \
+                (b.layer_start, b.layer_end, b.token_start, b.token_end) == (a.layer_start, a.layer_end, 0, 40)
+            ka = torch.frombuffer(bytearray(a.data), dtype=torch.float32)
+            kb = torch.frombuffer(bytearray(b.data), dtype=torch.float32)
+            if chunk >= len(ids):
+                assert torch.equal(ka, kb)
+            else:
+                torch.testing.assert_close(ka, kb, rtol=1e-4, atol=1e-5)
+        assert got[-1][1].token_id == want[-1][1].token_id
+        assert run_alone(chunked, ids, 12) == run_alone(plain, ids, 12)
+    finally:
+        plain.close()
+        chunked.close()
+
+
+def test_tiny_chunked_prefill_takes_in_arrivals_between_chunks():
+    """Between two chunks of a long prompt the engine asks for works that arrived meanwhile and
+    prefills them first (shortest remaining first): the short prompt's first token comes out
+    after one chunk of the long one, not after all of it. Each result equals its prompt run alone."""
+    engine = tiny_engine()
+    engine.prefill_chunk_tokens, engine.prefill_joins = 8, True
+    try:
+        long_ids = engine.tokenizer.encode("a long prompt that takes several chunks to prefill")[:40]
+        short_ids = engine.tokenizer.encode("hi")
+        calls = []
+
+        def more() -> list[PrefillWork]:
+            calls.append(len(calls))
+            return [PrefillWork("short", short_ids, GREEDY)] if len(calls) == 1 else []
+
+        boundaries = [i for i, it in engine.prefill([PrefillWork("l2", long_ids, GREEDY)]) if it is None]
+        assert boundaries == [0] * 4  # between the 5 chunks
+        items = _prefill_items(engine, [PrefillWork("long", long_ids, GREEDY)], more)
+        tokens = [(i, it.token_id) for i, it in items if isinstance(it, SampledToken)]
+        assert [i for i, _ in tokens] == [1, 0]  # the short one (index 1) finished first
+        assert len(calls) == 6  # after every forward: the long prompt's 5 chunks and the short one
+        assert dict(tokens)[0] == _prefill_items(engine, [PrefillWork("l", long_ids, GREEDY)])[-1][1].token_id
+        assert dict(tokens)[1] == _prefill_items(engine, [PrefillWork("s", short_ids, GREEDY)])[-1][1].token_id
+        assert [it.token_end for i, it in items if i == 0 and isinstance(it, KVGroup)] == [40] * 4
+    finally:
+        engine.close()
+
+
+def test_tiny_chunked_prefill_stops_a_work_cancelled_between_chunks():
+    engine = tiny_engine()
+    engine.prefill_chunk_tokens, engine.prefill_joins = 8, True
+    try:
+        long_work = PrefillWork("long", engine.tokenizer.encode("cancelled half way through its chunks")[:32], GREEDY)
+        other = PrefillWork("other", engine.tokenizer.encode("still served"), GREEDY)
+
+        def more() -> list[PrefillWork]:
+            long_work.cancelled.set()
+            return []
+
+        items = _prefill_items(engine, [long_work, other], more)
+        assert {i for i, _ in items} == {1}  # nothing at all of the cancelled one
+        assert isinstance(items[-1][1], SampledToken)
+    finally:
+        engine.close()
 
 
 def test_tiny_groups_of_several_layers_and_bf16():

@@ -181,3 +181,56 @@ def test_cuda_ipc_refuses_cpu_tensors():
 
     with pytest.raises(InvalidArgument, match="CUDA"):
         export_handle(torch.zeros(4))
+
+
+async def test_engine_thread_runs_calls_queued_during_an_item_before_the_next_item():
+    """A colocated node's decode step submitted while a prefill chunk runs gets the engine thread
+    before the next chunk does (iterate drives the generator one item per call)."""
+    import asyncio
+    import threading
+
+    from pdgrpc.nodes.engine_thread import EngineThread
+
+    thread = EngineThread("t")
+    order: list[str] = []
+    blocked, proceed = threading.Event(), threading.Event()
+
+    def prefill():
+        yield "first"
+        blocked.set()
+        assert proceed.wait(10)
+        order.append("chunk done")
+        yield None
+        order.append("next chunk")
+        yield "last"
+
+    async def decode_step_meanwhile() -> None:
+        while not blocked.is_set():
+            await asyncio.sleep(0.005)
+        call = asyncio.ensure_future(thread.call(order.append, "decode step"))
+        await asyncio.sleep(0)  # the call is queued behind the running item
+        proceed.set()
+        await call
+
+    side = asyncio.ensure_future(decode_step_meanwhile())
+    items = [item async for item in thread.iterate(prefill)]
+    await side
+    assert items == ["first", None, "last"]
+    assert order == ["chunk done", "decode step", "next chunk"]
+    # A consumer that stops early (and closes the iteration) closes the generator in the thread.
+    import contextlib
+
+    closed: list[bool] = []
+
+    def endless():
+        try:
+            while True:
+                yield 1
+        finally:
+            closed.append(threading.current_thread() is not threading.main_thread())
+
+    async with contextlib.aclosing(thread.iterate(endless)) as items_left:
+        async for _ in items_left:
+            break
+    assert closed == [True]
+    thread.shutdown()

@@ -56,6 +56,8 @@ def add_arguments(p) -> None:
     p.add_argument("--engine", default="torch", help="torch (SmolLM2), vllm or mock")
     p.add_argument("--model", default="", help="model folder (engine default when empty)")
     p.add_argument("--dtype", default="", help="engine dtype (default float32)")
+    p.add_argument("--prefill-chunk-tokens", type=int, default=0,
+                   help="torch engine, every setup: prefill prompts longer than this in chunks of it (0: off)")
     p.add_argument("--mock-prefill-cost-per-token-s", type=float, default=0.0)
     p.add_argument("--mock-decode-cost-per-step-s", type=float, default=0.0)
     p.add_argument("--workload", default="chat", help=f"{', '.join(WORKLOADS)} or jsonl:PATH")
@@ -96,6 +98,8 @@ def _engine(args) -> dict:
         e["model"] = args.model
     if args.dtype:
         e["dtype"] = args.dtype
+    if args.prefill_chunk_tokens:
+        e["prefill_chunk_tokens"] = args.prefill_chunk_tokens
     if args.engine == "mock":
         e["mock_prefill_cost_per_token_s"] = args.mock_prefill_cost_per_token_s
         e["mock_decode_cost_per_step_s"] = args.mock_decode_cost_per_step_s

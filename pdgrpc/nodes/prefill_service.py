@@ -3,7 +3,8 @@
 Per request (``PrefillService.prefill``), in order:
   1. validate and tokenize; yield ``PrefillStarted`` with the prompt's token ids
   2. queue the work; the scheduler batches queued prompts up to a token budget (arrival order) and
-     runs the engine on them, shortest prompt first
+     runs the engine on them, shortest prompt first; an engine that prefills long prompts in chunks
+     takes the prompts queued meanwhile into the running batch between two chunks
   3. for each KV group the engine yields: put it in the store (owner = request id, with a lease)
      and yield its ``KVDescriptor`` at once, while the engine computes the next group
   4. yield ``PrefillDone`` with the first token
@@ -14,6 +15,7 @@ and the KV this request published is released.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -40,6 +42,7 @@ from pdgrpc.types import (
 
 log = logging.getLogger(__name__)
 MAX_LEASE_S = 600.0
+JOIN_WAIT_S = 2.0  # how long the engine thread waits for the loop to hand it newly queued prompts
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,7 @@ class PrefillService:
         self.running = 0
         self._task: asyncio.Task | None = None
         self._device_exports: DeviceExports | None = None  # only a GPU engine publishes by CUDA IPC
+        self._tokenizer_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{node}-tokenize")
 
     @property
     def queued(self) -> int:
@@ -101,6 +105,7 @@ class PrefillService:
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
+        self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
 
     def _gauges(self) -> None:
         metrics.NODE_QUEUE_DEPTH.labels("prefill", self.node).set(len(self._queue))
@@ -118,7 +123,11 @@ class PrefillService:
         if self.running + len(self._queue) >= self.limits.max_requests:
             raise ResourceExhausted(f"prefill node {self.node} is full ({self.limits.max_requests} requests)",
                                     retry_after_s=0.5)
-        ids = await self.thread.call(self.engine.tokenize, req.prompt)
+        # Not in the engine thread: a prefill batch holds that thread until it ends, and a prompt
+        # must be queued (so tokenized) to join a running batch between two chunks. One thread of
+        # its own, so the tokenizer is never used by two tokenize calls at once.
+        ids = await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, self.engine.tokenize,
+                                                               req.prompt)
         validate_prompt_ids(ids, spec, req.sampling.max_tokens)
         yield PrefillStarted(tuple(ids), spec)
 
@@ -261,6 +270,44 @@ class PrefillService:
                 if batch:
                     await self._run_batch(batch)
 
+    def _joiner(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> Callable[[], list[PrefillWork]]:
+        """``more`` for an engine that prefills in chunks: called in the engine thread between two
+        chunks, it moves the prompts queued meanwhile into the running ``batch`` (on the event loop,
+        which owns the queue) and returns their works. Without it a 40-token prompt that arrives
+        while a 1000-token one prefills waits for all of it (seconds on a CPU core)."""
+        def more() -> list[PrefillWork]:
+            answer: concurrent.futures.Future = concurrent.futures.Future()
+
+            def take() -> None:
+                if answer.set_running_or_notify_cancel():
+                    answer.set_result(self._join(batch))
+
+            try:
+                loop.call_soon_threadsafe(take)
+                return answer.result(timeout=JOIN_WAIT_S)
+            except RuntimeError:  # the loop is closed: the node is stopping
+                return []
+            except concurrent.futures.TimeoutError:  # the loop is stuck: go on without joiners
+                return [] if answer.cancel() else answer.result()  # took them just now: run them
+        return more
+
+    def _join(self, batch: list[_Pending]) -> list[PrefillWork]:
+        """Queued prompts (arrival order) that fit the token budget join the running batch."""
+        budget = self.limits.batch_token_budget
+        joined = []
+        for pending in list(self._queue):
+            n = len(pending.work.prompt_token_ids)
+            if pending.work.cancelled.is_set() or n > budget:
+                continue
+            budget -= n
+            self._queue.remove(pending)
+            batch.append(pending)
+            joined.append(pending.work)
+        if joined:
+            self.running = len(batch)
+            self._gauges()
+        return joined
+
     async def _run_batch(self, batch: list[_Pending]) -> None:
         self.running = len(batch)
         self._gauges()
@@ -269,7 +316,14 @@ class PrefillService:
         done: set[int] = set()
         try:
             works = [p.work for p in batch]
-            async for index, item in self.thread.iterate(lambda: self.engine.prefill(works)):
+            if self.engine.prefill_joins:
+                more = self._joiner(batch, asyncio.get_running_loop())
+                prefill = lambda: self.engine.prefill(works, more)  # noqa: E731
+            else:
+                prefill = lambda: self.engine.prefill(works)  # noqa: E731
+            async for index, item in self.thread.iterate(prefill):
+                if item is None:  # between two chunks: other engine calls got their turn
+                    continue
                 batch[index].out.put_nowait(item)
                 if isinstance(item, SampledToken):
                     done.add(index)

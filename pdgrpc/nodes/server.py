@@ -56,6 +56,8 @@ class NodeConfig:
             raise ValueError("max_requests, max_batch and batch_token_budget must be > 0")
         if self.kv_lease_s <= 0 or self.grace_s < 0:
             raise ValueError("kv_lease_s must be > 0 and grace_s >= 0")
+        if self.engine.prefill_chunk_tokens < 0:
+            raise ValueError("prefill_chunk_tokens must be >= 0 (0: no chunks)")
         return self
 
 
@@ -167,6 +169,9 @@ def add_node_arguments(parser, role: Role) -> None:
     parser.add_argument("--mock-prefill-cost-per-token-s", type=float, default=0.0)
     parser.add_argument("--mock-decode-cost-per-step-s", type=float, default=0.0)
     parser.add_argument("--mock-layers-per-group", type=int, default=6)
+    parser.add_argument("--prefill-chunk-tokens", type=int, default=0,
+                        help="torch engine: prefill prompts longer than this in chunks of it, letting prompts "
+                             "that arrive meanwhile in between (0: one forward per prompt)")
     parser.add_argument("--log-level", default="info")
 
 
@@ -189,7 +194,8 @@ def run_node(args, role: Role) -> int:
                 name=args.engine, model=args.model, device=args.device, dtype=args.dtype, threads=args.threads,
                 mock_prefill_cost_per_token_s=args.mock_prefill_cost_per_token_s,
                 mock_decode_cost_per_step_s=args.mock_decode_cost_per_step_s,
-                mock_layers_per_group=args.mock_layers_per_group),
+                mock_layers_per_group=args.mock_layers_per_group,
+                prefill_chunk_tokens=args.prefill_chunk_tokens),
             cpus=parse_cpus(args.cpus), max_requests=args.max_requests, max_batch=args.max_batch,
             batch_token_budget=args.batch_token_budget, kv_lease_s=args.kv_lease_s, grace_s=args.grace_s,
         ).validate()
