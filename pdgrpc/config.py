@@ -146,6 +146,9 @@ class ClusterConfig:
                 raise ConfigError(f"node {n.name}: max_requests and max_batch must be > 0")
             if n.engine.prefill_chunk_tokens < 0:
                 raise ConfigError(f"node {n.name}: prefill_chunk_tokens must be >= 0 (0: no chunks)")
+            if n.engine.prefill_chunk_tokens and n.engine.name != "torch":
+                raise ConfigError(f"node {n.name}: prefill_chunk_tokens is a torch engine option "
+                                  f"(vLLM chunks prefill in its own scheduler), not {n.engine.name}'s")
         parse_size(self.store.max_memory)
         return self
 

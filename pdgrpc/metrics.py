@@ -66,6 +66,9 @@ NODE_QUEUE_DEPTH = Gauge("pdgrpc_node_queue_depth", "Requests waiting in the nod
 NODE_RUNNING = Gauge("pdgrpc_node_running_requests", "Requests running in the node", ["role", "node"])
 NODE_BATCH_SIZE = Histogram("pdgrpc_node_batch_size", "Sequences per engine step", ["role", "node"],
                             buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+NODE_PREFILL_JOINS = Counter("pdgrpc_node_prefill_joins_total",
+                             "Prompts that joined a running prefill batch between two chunks (chunked prefill)",
+                             ["role", "node"])
 NODE_STEP_TIME = Histogram("pdgrpc_node_step_seconds", "Engine step time", ["role", "node"],
                            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
 NODE_KV_CACHE = Gauge("pdgrpc_node_kv_cache_bytes",

@@ -365,8 +365,13 @@ def test_prefill_node_hands_arrivals_to_a_chunking_engine_between_chunks():
                     await service.stop()
             return done
 
+        from pdgrpc import metrics
+
+        joins = metrics.NODE_PREFILL_JOINS.labels("prefill", "p")
+        before = joins._value.get()
         done = asyncio.run(run())
         assert calls == [["long", "short"]]  # one engine call: the short prompt joined it
+        assert joins._value.get() == before + 1
         assert first_tokens == ["short", "long"]
         solo = MockEngine(MockEngineConfig())
         for rid, tokens in (("long", 300), ("short", 12)):

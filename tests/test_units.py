@@ -135,6 +135,17 @@ def test_config_fills_ports_from_the_base_and_rejects_mistakes(tmp_path):
         cfgmod.from_dict({"coordinator": {"processes": 2}, "prefill": [{"metrics_port": 41001}], "decode": [{}]},
                          40000)
     assert cfgmod.load(str(ROOT / "deploy" / "local.toml")).store.port == 9015
+    chunked = cfgmod.from_dict({"defaults": {"engine": "torch", "prefill_chunk_tokens": 256},
+                                "prefill": [{}], "decode": [{}]}, 40000)
+    assert [n.engine.prefill_chunk_tokens for n in chunked.nodes] == [256, 256]
+    from pdgrpc.launcher import node_command
+
+    cmd = node_command(chunked.nodes[0], chunked, [])
+    assert cmd[cmd.index("--prefill-chunk-tokens") + 1] == "256"
+    for bad, fragment in (({"engine": "torch", "prefill_chunk_tokens": -1}, ">= 0"),
+                          ({"engine": "mock", "prefill_chunk_tokens": 64}, "torch engine option")):
+        with pytest.raises(cfgmod.ConfigError, match=fragment):
+            cfgmod.from_dict({"defaults": bad, "prefill": [{}], "decode": [{}]}).validate()
     assert cfgmod.parse_size("2GB") == 2 * 10**9 and cfgmod.parse_size("1GiB") == 2**30
 
 

@@ -306,6 +306,7 @@ class PrefillService:
         if joined:
             self.running = len(batch)
             self._gauges()
+            metrics.NODE_PREFILL_JOINS.labels("prefill", self.node).inc(len(joined))
         return joined
 
     async def _run_batch(self, batch: list[_Pending]) -> None:

@@ -58,6 +58,9 @@ class NodeConfig:
             raise ValueError("kv_lease_s must be > 0 and grace_s >= 0")
         if self.engine.prefill_chunk_tokens < 0:
             raise ValueError("prefill_chunk_tokens must be >= 0 (0: no chunks)")
+        if self.engine.prefill_chunk_tokens and self.engine.name != "torch":
+            raise ValueError(f"--prefill-chunk-tokens is a torch engine option (vLLM chunks prefill in its own "
+                             f"scheduler), not {self.engine.name}'s")
         return self
 
 
