@@ -196,6 +196,33 @@ def test_bench_serve_mock_writes_json_and_png(tmp_path, capsys):
     assert "disaggregated vs the better colocated" in capsys.readouterr().out
 
 
+def test_setup_variants_change_only_their_engine_option(capsys):
+    """``colocated@chunk256`` is the colocated setup whose nodes prefill in chunks of 256 tokens: its
+    config says so (and `pdgrpc up` accepts it), the plain one keeps the run's own option."""
+    import tomllib
+
+    from pdgrpc import config as cfgmod
+    from pdgrpc.bench import cluster as cl
+
+    known = cl.standard_setups([0, 1])
+    plain, chunked, none = (cl.setup_variant(n, known) for n in ("colocated", "colocated@chunk256", "disagg@chunk0"))
+    assert plain is known["colocated"]
+    assert (chunked.mode, none.mode) == ("colocated", "disaggregated")
+    engine = {"engine": "torch", "prefill_chunk_tokens": 512}
+    nodes = {s.name: cfgmod.from_dict(tomllib.loads(s.config_text(40000, engine))).nodes
+             for s in (plain, chunked, none)}
+    assert {n.engine.prefill_chunk_tokens for n in nodes["colocated"]} == {512}
+    assert {n.engine.prefill_chunk_tokens for n in nodes["colocated@chunk256"]} == {256}
+    assert {n.engine.prefill_chunk_tokens for n in nodes["disagg@chunk0"]} == {0}
+    assert "chunks of 256 tokens" in chunked.description
+    for bad in ("colocated@fast", "nope@chunk1", "colocated@chunk"):
+        with pytest.raises(ValueError):
+            cl.setup_variant(bad, known)
+    assert main(_args("serve", "--engine", "mock", "--setups", "disagg@chunk64,colocated")) == 2
+    assert main(_args("serve", "--setups", "colocated,colocated")) == 2
+    assert "need --engine torch" in capsys.readouterr().err
+
+
 @pytest.mark.e2e
 def test_bench_coordinator_short_sweep(tmp_path):
     out = tmp_path / "coord"

@@ -6,6 +6,7 @@ next to nothing), so the benchmark can interleave them and machine noise hits al
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import os
 import platform
@@ -68,6 +69,7 @@ class SetupSpec:
     nodes: tuple[NodeSpec, ...]
     description: str = ""
     coordinators: int = 1  # coordinator processes on the one port
+    engine_overrides: tuple[tuple[str, object], ...] = ()  # [defaults] keys this setup sets otherwise
 
     @property
     def mode(self) -> str:
@@ -77,7 +79,7 @@ class SetupSpec:
         lines = [f"port_base = {base}", f'mode = "{self.mode}"', "", "[store]", 'max_memory = "4GB"', "",
                  "[coordinator]", f"max_inflight = {max_inflight}", f"processes = {self.coordinators}", "",
                  "[defaults]"]
-        for k, v in engine.items():
+        for k, v in {**engine, **dict(self.engine_overrides)}.items():
             lines.append(f"{k} = {_toml(v)}")
         for n in self.nodes:
             lines += ["", f"[[{n.role}]]", f"cpus = {list(n.cpus)}"]
@@ -116,6 +118,24 @@ def standard_setups(cores: list[int]) -> dict[str, SetupSpec]:
                   f"{len(cores)} colocated nodes, one per core"),
     ]
     return {s.name: s for s in specs}
+
+
+def setup_variant(name: str, known: dict[str, SetupSpec]) -> SetupSpec:
+    """A standard setup, or one with an engine option changed: ``NAME@chunkN`` is NAME with prefill in
+    chunks of N tokens (``colocated@chunk256``), so one run can compare, say, disaggregated serving with
+    chunks against colocated serving with and without them. ValueError for anything else."""
+    base, _, option = name.partition("@")
+    if base not in known:
+        raise ValueError(f"unknown setup {base!r}; choose from {sorted(known)}")
+    if not option:
+        return known[base]
+    if not (option.startswith("chunk") and option[5:].isdigit()):
+        raise ValueError(f"setup {name!r}: the only option is @chunkN (prefill in chunks of N tokens; 0: none)")
+    tokens = int(option[5:])
+    desc = f"{known[base].description}, prefill in chunks of {tokens} tokens" if tokens else \
+        f"{known[base].description}, prefill without chunks"
+    return dataclasses.replace(known[base], name=name, description=desc,
+                               engine_overrides=(("prefill_chunk_tokens", tokens),))
 
 
 def process_role(pid: int) -> str:

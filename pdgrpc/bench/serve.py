@@ -68,7 +68,8 @@ def add_arguments(p) -> None:
     p.add_argument("--max-requests", type=int, default=400, help="at most this many requests per rate")
     p.add_argument("--sequential-requests", type=int, default=8, help="requests at rate 0 (one at a time)")
     p.add_argument("--setups", default="disagg,colocated",
-                   help="comma-separated: disagg, disagg-shared, colocated, colocated-split")
+                   help="comma-separated: disagg, disagg-shared, colocated, colocated-split; NAME@chunkN for "
+                        "one with prefill in chunks of N tokens (torch; overrides --prefill-chunk-tokens)")
     p.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT SLO (default: the workload's)")
     p.add_argument("--slo-tpot-ms", type=float, default=None, help="TPOT SLO (default: the workload's)")
     p.add_argument("--attainment-goal", type=float, default=0.9, help="DistServe attainment goal")
@@ -303,9 +304,15 @@ def main(args) -> int:
     cores = sorted(os.sched_getaffinity(0))
     known = cl.standard_setups(cores)
     names = [n.strip() for n in args.setups.split(",") if n.strip()]
-    unknown = [n for n in names if n not in known]
-    if unknown or not names:
-        print(f"pdgrpc bench serve: unknown setups {unknown}; choose from {sorted(known)}", file=sys.stderr)
+    try:
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"name each setup once; choose from {sorted(known)}")
+        specs = [cl.setup_variant(n, known) for n in names]
+    except ValueError as exc:
+        print(f"pdgrpc bench serve: {exc}", file=sys.stderr)
+        return 2
+    if any(s.engine_overrides for s in specs) and args.engine != "torch":
+        print("pdgrpc bench serve: @chunkN setups need --engine torch", file=sys.stderr)
         return 2
     if args.gap_s is None:
         args.gap_s = VLLM_GAP_S if args.engine == "vllm" else 0.3
@@ -332,7 +339,6 @@ def main(args) -> int:
         "slo": {"ttft_ms": slo_ttft_ms, "tpot_ms": slo_tpot_ms}, "attainment_goal": args.attainment_goal,
         "peers": peers, "setups": {}, "started_unix": time.time(),
     }
-    specs = [known[n] for n in names]
     for s in specs:
         report["setups"][s.name] = {"description": s.description, "mode": s.mode,
                                     "config": s.config_text(0, engine).split("\n", 1)[1], "runs": []}
