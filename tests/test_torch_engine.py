@@ -254,6 +254,33 @@ def test_tiny_chunked_prefill_takes_in_arrivals_between_chunks():
         engine.close()
 
 
+def test_tiny_chunked_prefill_does_not_starve_a_long_prompt():
+    """Short prompts that keep arriving go first, but only a chunk's worth of their tokens between
+    two chunks of a prompt already begun: the long prompt finishes while they still arrive."""
+    engine = tiny_engine()
+    engine.prefill_chunk_tokens, engine.prefill_joins = 8, True
+    try:
+        long_ids = engine.tokenizer.encode("a long prompt that takes several chunks to prefill")[:40]
+        def arrivals(n: int):
+            left = [n]
+
+            def more() -> list[PrefillWork]:  # two 3-token prompts arrive during every forward, n in all
+                k = min(2, left[0])
+                left[0] -= k
+                return [PrefillWork("short", [5, 6, 7], GREEDY) for _ in range(k)]
+            return more
+
+        items = list(engine.prefill([PrefillWork("long", long_ids, GREEDY)], arrivals(30)))
+        order = [i for i, it in items if isinstance(it, SampledToken)]
+        assert len(order) == 31
+        # The long prompt (index 0): its 5 chunks each after at most 3 shorts (9 tokens >= one chunk of 8).
+        assert order.index(0) <= 4 * 3 + 1, order
+        assert [i for i, it in items if it is None] == [0] * 4  # its chunk boundaries
+        # (Shortest remaining first alone would finish it last, after all 30: a mutation check.)
+    finally:
+        engine.close()
+
+
 def test_tiny_chunked_prefill_stops_a_work_cancelled_between_chunks():
     engine = tiny_engine()
     engine.prefill_chunk_tokens, engine.prefill_joins = 8, True

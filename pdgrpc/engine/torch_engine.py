@@ -363,12 +363,15 @@ class TorchEngine(Engine):
         None) yielded between two chunks (the caller may run other engine calls then), and after
         every chunk ``more()`` (if given) may hand in works that arrived meanwhile (their indexes
         follow the ones before): a 40-token prompt that arrives while a 1000-token one prefills waits
-        for one chunk, not for all of it. Without chunks each prompt is one forward, as before."""
+        for one chunk, not for all of it. A prompt already begun gets its next chunk once others have
+        had a chunk's worth of tokens, so a stream of short ones cannot starve it. Without chunks
+        each prompt is one forward, as before."""
         if self.compute.in_thread():
             raise RuntimeError("prefill() must not be driven from the engine's compute thread")
         works = list(works)
         runs: dict[int, _PrefillRun] = {}
         finished: set[int] = set()
+        others = 0  # tokens prefilled for other works since the oldest started prompt's last chunk
         while True:
             for i, work in enumerate(works):
                 if i not in finished and work.cancelled.is_set():
@@ -383,9 +386,15 @@ class TorchEngine(Engine):
                     self._check_prompt(ids)
                     runs[i] = _PrefillRun(ids)
             i = min(live, key=lambda j: (runs[j].remaining, j))  # shortest remaining first, then arrival
+            # No starvation: the first prompt whose prefill has begun gets its next chunk once others
+            # have had a chunk's worth of tokens, however many short ones keep arriving.
+            oldest = next((j for j in live if runs[j].done), None)
+            if oldest is not None and i != oldest and others >= self.prefill_chunk_tokens:
+                i = oldest
             run = runs[i]
-            end = run.done + self.prefill_chunk_tokens if self.prefill_chunk_tokens else len(run.ids)
-            for item in self._prefill_chunk(works[i], run, min(end, len(run.ids))):
+            end = min(run.done + self.prefill_chunk_tokens if self.prefill_chunk_tokens else len(run.ids), len(run.ids))
+            others = 0 if i == oldest else others + end - run.done
+            for item in self._prefill_chunk(works[i], run, end):
                 yield i, item
             if run.finished or works[i].cancelled.is_set():
                 finished.add(i)
