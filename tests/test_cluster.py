@@ -263,9 +263,9 @@ def test_prefill_runs_a_batch_shortest_prompt_first():
         ran: list[str] = []  # the order the engine was given the prompts (finish order also hangs on the store)
 
         class RecordingEngine(MockEngine):
-            def prefill(self, works):
+            def prefill(self, works, more=None):
                 ran.extend(w.request_id for w in works)
-                yield from super().prefill(works)
+                yield from super().prefill(works, more)
 
         engine = RecordingEngine(MockEngineConfig(prefill_cost_per_token_s=0.001))
 

@@ -48,18 +48,22 @@ def reference():
     return prompts, expected
 
 
-@pytest.fixture(scope="module")
-def clusters(tmp_path_factory):
-    disagg = start_local_cluster(tmp_path_factory.mktemp("torch-d"), node_args=("--engine", "torch"))
+def _cluster_pair(tmp_path_factory, name: str, node_args: tuple[str, ...]):
+    """A disaggregated cluster (1 prefill + 1 decode) and a colocated one with the same node args."""
+    disagg = start_local_cluster(tmp_path_factory.mktemp(f"{name}-d"), node_args=node_args)
     try:
-        coloc = start_local_cluster(tmp_path_factory.mktemp("torch-c"), colocated=1,
-                                    node_args=("--engine", "torch"))
+        coloc = start_local_cluster(tmp_path_factory.mktemp(f"{name}-c"), colocated=1, node_args=node_args)
     except BaseException:
         disagg.stop()
         raise
     yield disagg, coloc
     coloc.stop()
     disagg.stop()
+
+
+@pytest.fixture(scope="module")
+def clusters(tmp_path_factory):
+    yield from _cluster_pair(tmp_path_factory, "torch", ("--engine", "torch"))
 
 
 CHUNK = 256
@@ -68,16 +72,8 @@ CHUNK = 256
 @pytest.fixture(scope="module")
 def chunked_clusters(tmp_path_factory):
     """The same pair with chunked prefill (prompts over CHUNK tokens run in chunks of it)."""
-    args = ("--engine", "torch", "--prefill-chunk-tokens", str(CHUNK))
-    disagg = start_local_cluster(tmp_path_factory.mktemp("torch-dc"), node_args=args)
-    try:
-        coloc = start_local_cluster(tmp_path_factory.mktemp("torch-cc"), colocated=1, node_args=args)
-    except BaseException:
-        disagg.stop()
-        raise
-    yield disagg, coloc
-    coloc.stop()
-    disagg.stop()
+    yield from _cluster_pair(tmp_path_factory, "torch-chunked",
+                             ("--engine", "torch", "--prefill-chunk-tokens", str(CHUNK)))
 
 
 def _run_all(address: str, prompts: list[list[int]]):

@@ -554,13 +554,7 @@ class KVStoreClient:
         except OSError as exc:  # ConnectionError, TimeoutError, a refused connect
             raise Unavailable(f"kv store {self.address} unreachable: {exc!r}") from None
         if status >= 400:
-            code = None
-            try:
-                answer = json.loads(body)
-                message, code = str(answer["error"]), answer.get("code")
-            except (ValueError, KeyError, TypeError):
-                message = body[:500].decode(errors="replace")
-            raise _error_for_status(status, f"kv store {self.address}: {message}", code, self.address)
+            raise self._error_from(status, body)
         try:
             return json.loads(body)
         except ValueError:
@@ -612,13 +606,22 @@ class KVStoreClient:
             raise Unavailable(f"kv store {self.address} unreachable: {exc!r}") from None
 
     async def _error(self, resp: aiohttp.ClientResponse) -> PdgrpcError:
+        try:
+            body = await resp.read()
+        except aiohttp.ClientError:
+            body = b""
+        return self._error_from(resp.status, body)
+
+    def _error_from(self, status: int, body: bytes) -> PdgrpcError:
+        """The error for an answer of ``status`` >= 400: the store's JSON ``error`` and ``code``, or
+        the start of whatever else it sent."""
         code = None
         try:
-            body = await resp.json(content_type=None)
-            message, code = str(body["error"]), body.get("code")
-        except (ValueError, KeyError, TypeError, aiohttp.ClientError):
-            message = (await resp.text(errors="replace"))[:500]
-        return _error_for_status(resp.status, f"kv store {self.address}: {message}", code, self.address)
+            answer = json.loads(body)
+            message, code = str(answer["error"]), answer.get("code")
+        except (ValueError, KeyError, TypeError):
+            message = body[:500].decode(errors="replace")
+        return _error_for_status(status, f"kv store {self.address}: {message}", code, self.address)
 
 
 def _error_for_status(status: int, message: str, code: str | None, address: str) -> PdgrpcError:

@@ -317,12 +317,8 @@ class PrefillService:
         done: set[int] = set()
         try:
             works = [p.work for p in batch]
-            if self.engine.prefill_joins:
-                more = self._joiner(batch, asyncio.get_running_loop())
-                prefill = lambda: self.engine.prefill(works, more)  # noqa: E731
-            else:
-                prefill = lambda: self.engine.prefill(works)  # noqa: E731
-            async for index, item in self.thread.iterate(prefill):
+            more = self._joiner(batch, asyncio.get_running_loop()) if self.engine.prefill_joins else None
+            async for index, item in self.thread.iterate(lambda: self.engine.prefill(works, more)):
                 if item is None:  # between two chunks: other engine calls got their turn
                     continue
                 batch[index].out.put_nowait(item)
