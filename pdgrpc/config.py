@@ -15,7 +15,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 
-from pdgrpc.engine.registry import ENGINES, EngineOptions
+from pdgrpc.engine.registry import ENGINES, EngineOptions, check_linear_kernel
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
@@ -149,6 +149,7 @@ class ClusterConfig:
             if n.engine.prefill_chunk_tokens and n.engine.name != "torch":
                 raise ConfigError(f"node {n.name}: prefill_chunk_tokens is a torch engine option "
                                   f"(vLLM chunks prefill in its own scheduler), not {n.engine.name}'s")
+            check_linear_kernel(n.engine, f"node {n.name}: ", ConfigError)
         parse_size(self.store.max_memory)
         return self
 
@@ -174,7 +175,7 @@ def _engine_options(raw: dict, defaults: EngineOptions) -> EngineOptions:
 
 _NODE_KEYS = {"name", "host", "port", "metrics_port", "cpus", "engine", "model", "device", "dtype", "threads",
               "max_requests", "max_batch", "mock_prefill_cost_per_token_s", "mock_decode_cost_per_step_s",
-              "mock_layers_per_group", "prefill_chunk_tokens"}
+              "mock_layers_per_group", "prefill_chunk_tokens", "linear_kernel"}
 
 
 def _section(cls, raw: dict, where: str):

@@ -131,6 +131,8 @@ def node_command(n: cfgmod.NodeSection, cluster: cfgmod.ClusterConfig, extra: li
            "--mock-layers-per-group", str(e.mock_layers_per_group)]
     if e.prefill_chunk_tokens:
         cmd += ["--prefill-chunk-tokens", str(e.prefill_chunk_tokens)]
+    if e.linear_kernel:
+        cmd += ["--linear-kernel", e.linear_kernel]
     if e.model:
         cmd += ["--model", e.model]
     if e.dtype:

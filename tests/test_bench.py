@@ -215,7 +215,11 @@ def test_setup_variants_change_only_their_engine_option(capsys):
     assert {n.engine.prefill_chunk_tokens for n in nodes["colocated@chunk256"]} == {256}
     assert {n.engine.prefill_chunk_tokens for n in nodes["disagg@chunk0"]} == {0}
     assert "chunks of 256 tokens" in chunked.description
-    for bad in ("colocated@fast", "nope@chunk1", "colocated@chunk"):
+    both = cl.setup_variant("disagg@chunk128@linear-torch", known)
+    both_nodes = cfgmod.from_dict(tomllib.loads(both.config_text(40000, engine))).nodes
+    assert {(n.engine.prefill_chunk_tokens, n.engine.linear_kernel) for n in both_nodes} == {(128, "torch")}
+    assert "torch linear kernel" in both.description
+    for bad in ("colocated@fast", "nope@chunk1", "colocated@chunk", "disagg@linear-blas", "disagg@linear-"):
         with pytest.raises(ValueError):
             cl.setup_variant(bad, known)
     assert main(_args("serve", "--engine", "mock", "--setups", "disagg@chunk64,colocated")) == 2

@@ -19,6 +19,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from pdgrpc.engine.registry import LINEAR_KERNELS
+
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -121,21 +123,29 @@ def standard_setups(cores: list[int]) -> dict[str, SetupSpec]:
 
 
 def setup_variant(name: str, known: dict[str, SetupSpec]) -> SetupSpec:
-    """A standard setup, or one with an engine option changed: ``NAME@chunkN`` is NAME with prefill in
-    chunks of N tokens (``colocated@chunk256``), so one run can compare, say, disaggregated serving with
-    chunks against colocated serving with and without them. ValueError for anything else."""
-    base, _, option = name.partition("@")
+    """A standard setup, or one with engine options changed, each after an ``@``: ``@chunkN`` prefills in
+    chunks of N tokens (0: none), ``@linear-KERNEL`` picks the torch engine's linear kernel (onednn or
+    torch). One run can so compare, say, disaggregated serving with chunks against colocated serving
+    with and without them (``colocated@chunk256``), or the two kernels (``disagg@linear-torch``).
+    ValueError for anything else."""
+    base, *options = name.split("@")
     if base not in known:
         raise ValueError(f"unknown setup {base!r}; choose from {sorted(known)}")
-    if not option:
+    if not options:
         return known[base]
-    if not (option.startswith("chunk") and option[5:].isdigit()):
-        raise ValueError(f"setup {name!r}: the only option is @chunkN (prefill in chunks of N tokens; 0: none)")
-    tokens = int(option[5:])
-    desc = f"{known[base].description}, prefill in chunks of {tokens} tokens" if tokens else \
-        f"{known[base].description}, prefill without chunks"
-    return dataclasses.replace(known[base], name=name, description=desc,
-                               engine_overrides=(("prefill_chunk_tokens", tokens),))
+    desc, overrides = known[base].description, []
+    for option in options:
+        if option.startswith("chunk") and option[5:].isdigit():
+            tokens = int(option[5:])
+            desc += f", prefill in chunks of {tokens} tokens" if tokens else ", prefill without chunks"
+            overrides.append(("prefill_chunk_tokens", tokens))
+        elif option.startswith("linear-") and option[7:] in LINEAR_KERNELS:
+            desc += f", {option[7:]} linear kernel"
+            overrides.append(("linear_kernel", option[7:]))
+        else:
+            raise ValueError(f"setup {name!r}: options are @chunkN (prefill in chunks of N tokens; 0: none) "
+                             f"and @linear-KERNEL (KERNEL: {', '.join(LINEAR_KERNELS)})")
+    return dataclasses.replace(known[base], name=name, description=desc, engine_overrides=tuple(overrides))
 
 
 def process_role(pid: int) -> str:

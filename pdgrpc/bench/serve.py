@@ -69,7 +69,9 @@ def add_arguments(p) -> None:
     p.add_argument("--sequential-requests", type=int, default=8, help="requests at rate 0 (one at a time)")
     p.add_argument("--setups", default="disagg,colocated",
                    help="comma-separated: disagg, disagg-shared, colocated, colocated-split; NAME@chunkN for "
-                        "one with prefill in chunks of N tokens (torch; overrides --prefill-chunk-tokens)")
+                        "one with prefill in chunks of N tokens (torch; overrides --prefill-chunk-tokens), "
+                        "NAME@linear-torch / NAME@linear-onednn for the torch engine's linear kernel; "
+                        "options combine (colocated@chunk256@linear-torch)")
     p.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT SLO (default: the workload's)")
     p.add_argument("--slo-tpot-ms", type=float, default=None, help="TPOT SLO (default: the workload's)")
     p.add_argument("--attainment-goal", type=float, default=0.9, help="DistServe attainment goal")
@@ -312,7 +314,7 @@ def main(args) -> int:
         print(f"pdgrpc bench serve: {exc}", file=sys.stderr)
         return 2
     if any(s.engine_overrides for s in specs) and args.engine != "torch":
-        print("pdgrpc bench serve: @chunkN setups need --engine torch", file=sys.stderr)
+        print("pdgrpc bench serve: @chunkN and @linear-KERNEL setups need --engine torch", file=sys.stderr)
         return 2
     if args.gap_s is None:
         args.gap_s = VLLM_GAP_S if args.engine == "vllm" else 0.3

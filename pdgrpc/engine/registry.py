@@ -20,9 +20,21 @@ class EngineOptions:
     mock_decode_cost_per_step_s: float = 0.0
     mock_layers_per_group: int = 6
     prefill_chunk_tokens: int = 0  # torch: prompts longer than this prefill in chunks of it (0: off)
+    linear_kernel: str = ""        # torch on CPU: "onednn" (prepacked weights; the default) or "torch"
 
 
 ENGINES = ("mock", "torch", "vllm")
+LINEAR_KERNELS = ("onednn", "torch")
+
+
+def check_linear_kernel(opts: EngineOptions, where: str, error: type[Exception]) -> None:
+    """``linear_kernel`` names a known kernel, and only for the torch engine (the others have theirs)."""
+    if not opts.linear_kernel:
+        return
+    if opts.linear_kernel not in LINEAR_KERNELS:
+        raise error(f"{where}linear_kernel must be one of {LINEAR_KERNELS}, not {opts.linear_kernel!r}")
+    if opts.name != "torch":
+        raise error(f"{where}linear_kernel is a torch engine option, not {opts.name}'s")
 
 
 def build_engine(opts: EngineOptions) -> Engine:

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from pdgrpc import metrics, sdnotify
-from pdgrpc.engine.registry import EngineOptions, build_engine
+from pdgrpc.engine.registry import LINEAR_KERNELS, EngineOptions, build_engine, check_linear_kernel
 from pdgrpc.errors import Unavailable
 from pdgrpc.grpcutil import add_health_and_reflection, new_server, set_serving, wait_for_stop_signal
 from pdgrpc.kvstore.client import KVStoreClient
@@ -61,6 +61,7 @@ class NodeConfig:
         if self.engine.prefill_chunk_tokens and self.engine.name != "torch":
             raise ValueError(f"--prefill-chunk-tokens is a torch engine option (vLLM chunks prefill in its own "
                              f"scheduler), not {self.engine.name}'s")
+        check_linear_kernel(self.engine, "", ValueError)
         return self
 
 
@@ -175,6 +176,8 @@ def add_node_arguments(parser, role: Role) -> None:
     parser.add_argument("--prefill-chunk-tokens", type=int, default=0,
                         help="torch engine: prefill prompts longer than this in chunks of it, letting prompts "
                              "that arrive meanwhile in between (0: one forward per prompt)")
+    parser.add_argument("--linear-kernel", default="", choices=("", *LINEAR_KERNELS),
+                        help="torch engine on CPU: onednn (prepacked weights, the default) or torch (F.linear)")
     parser.add_argument("--log-level", default="info")
 
 
@@ -198,7 +201,7 @@ def run_node(args, role: Role) -> int:
                 mock_prefill_cost_per_token_s=args.mock_prefill_cost_per_token_s,
                 mock_decode_cost_per_step_s=args.mock_decode_cost_per_step_s,
                 mock_layers_per_group=args.mock_layers_per_group,
-                prefill_chunk_tokens=args.prefill_chunk_tokens),
+                prefill_chunk_tokens=args.prefill_chunk_tokens, linear_kernel=args.linear_kernel),
             cpus=parse_cpus(args.cpus), max_requests=args.max_requests, max_batch=args.max_batch,
             batch_token_budget=args.batch_token_budget, kv_lease_s=args.kv_lease_s, grace_s=args.grace_s,
         ).validate()
