@@ -7,11 +7,12 @@ request rate sends the same seeded requests at the same Poisson arrival times to
 means one request at a time, each setup in turn for every request (the low-load TTFT comparison).
 Writes ``<out>/serve.json``, ``<out>/serve_requests.json`` and the PNG plots.
 
-With ``--engine vllm --peer vllm``, vLLM's own disaggregated serving (pdgrpc.bench.vllm_peer: two
-vLLM OpenAI servers with ExampleConnector, pinned like the ``disagg`` setup, and a proxy) runs as one
-more setup, ``vllm-native-disagg``, driven over HTTP but measured like the others: same requests,
-arrival times and interleaving, same statistics; a second table compares pdgrpc's disaggregated
-setups with it.
+With ``--peer vllm``, vLLM's own disaggregated serving (pdgrpc.bench.vllm_peer: two vLLM OpenAI
+servers with ExampleConnector, pinned like the ``disagg`` setup, and a proxy) runs as one more setup,
+``vllm-native-disagg``, driven over HTTP but measured like the others: same requests, arrival times
+and interleaving, same statistics; a second table compares pdgrpc's disaggregated setups with it.
+With ``--engine vllm`` that compares the serving systems on one engine; with ``--engine torch`` it
+compares pdgrpc as a user would run it (its own engine) with vLLM as a user would run it.
 
     pdgrpc bench serve --engine torch --workload mixed --rates 0.3 0.6 --duration-s 40
     pdgrpc bench serve --engine vllm --workload fixed:130,514 --max-output 32 --rates 0 0.5 --peer vllm
@@ -38,9 +39,11 @@ AnySetup = cl.Setup | VllmNativeDisagg  # both: name, address, pids(), stop()
 
 VLLM_NOTE = ("vLLM peer skipped: the 'vllm' package is not installed here (pip install -e '.[vllm]'; see "
              "/work/shared/engine-notes.md for how it runs on CPU).")
-# The peer is vLLM's engine: against pdgrpc on another engine the comparison would measure the engines
-VLLM_ENGINE_NOTE = ("vLLM peer skipped: it runs only with --engine vllm (vLLM's own disaggregated serving "
-                    "against pdgrpc on the same engine); this run uses --engine {engine}")
+# The peer is vLLM's whole system, engine included: against pdgrpc on the vLLM engine the comparison
+# isolates the serving system; against pdgrpc on its torch engine it compares what a user would run
+# (the engines' kernels included). Against the mock engine it would mean nothing.
+VLLM_ENGINE_NOTE = ("vLLM peer skipped: it runs with --engine vllm (pdgrpc on vLLM's engine) or --engine torch "
+                    "(pdgrpc's own engine against vLLM's), not with --engine {engine}")
 VLLM_PEER_NOTE = (f"vLLM peer: setup {PEER_NAME}, vLLM's own disaggregated serving (two vLLM OpenAI servers with "
                   "ExampleConnector, producer pinned like disagg's prefill node, consumer like its decode node, "
                   "and a proxy), driven over HTTP /v1/completions with the same requests and arrival times")
@@ -83,13 +86,14 @@ def add_arguments(p) -> None:
     p.add_argument("--warmup", type=int, default=2, help="requests per setup before measuring")
     p.add_argument("--cooldown-s", type=float, default=2.0, help="idle time between runs")
     p.add_argument("--gap-s", type=float, default=None,
-                   help=f"idle time before each request at rate 0 (default 0.3 s, {VLLM_GAP_S:g} s with vllm)")
+                   help=f"idle time before each request at rate 0 (default 0.3 s; {VLLM_GAP_S:g} s with vllm "
+                        "or the vllm peer)")
     p.add_argument("--request-timeout-s", type=float, default=300.0)
     p.add_argument("--drain-timeout-s", type=float, default=180.0, help="wait at most this after the last arrival")
     p.add_argument("--start-timeout-s", type=float, default=600.0)
     p.add_argument("--peer", choices=["vllm"], action="append", default=[],
                    help=f"also drive another system on the same cores (vllm: vLLM's own disaggregated serving, "
-                        f"setup {PEER_NAME}; needs --engine vllm)")
+                        f"setup {PEER_NAME}; with --engine vllm or torch)")
     p.add_argument("--out", default="bench-results/serve", help="output folder")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -317,11 +321,11 @@ def main(args) -> int:
         print("pdgrpc bench serve: @chunkN and @linear-KERNEL setups need --engine torch", file=sys.stderr)
         return 2
     if args.gap_s is None:
-        args.gap_s = VLLM_GAP_S if args.engine == "vllm" else 0.3
+        args.gap_s = VLLM_GAP_S if args.engine == "vllm" or "vllm" in args.peer else 0.3
     peers: dict[str, str] = {}
     peer: VllmNativeDisagg | None = None
     if "vllm" in args.peer:
-        if args.engine != "vllm":
+        if args.engine not in ("vllm", "torch"):
             peers["vllm"] = VLLM_ENGINE_NOTE.format(engine=args.engine)
         elif importlib.util.find_spec("vllm") is None:
             peers["vllm"] = VLLM_NOTE

@@ -34,6 +34,7 @@ import hashlib
 import inspect
 import itertools
 import json
+import logging
 import os
 import queue
 import threading
@@ -62,6 +63,7 @@ from pdgrpc.engine.torch_sampling import Sampler
 from pdgrpc.errors import FailedPrecondition, InvalidArgument
 from pdgrpc.types import ModelSpec
 
+log = logging.getLogger(__name__)
 DEFAULT_LAYERS_PER_GROUP = 6
 MIN_GROUP_BYTES = 2 << 20  # see TorchEngine.groups_for
 MAX_MODEL_LEN_CAP = 8192
@@ -315,6 +317,7 @@ class TorchEngine(Engine):
         # After the fingerprint: it is over the weights, whichever kernel multiplies by them.
         packed = self.compute.run(pack_linears, self.model) if linear_kernel == "onednn" else 0
         self.linear_kernel = "onednn" if packed else "torch"  # what runs (onednn falls back on GPU)
+        log.info("linear kernel: %s%s", self.linear_kernel, f" ({packed} layers prepacked)" if packed else "")
         self.layers_per_group = layers_per_group
         self.min_group_bytes = min_group_bytes
         self.groups = [(s, min(s + layers_per_group, self.num_layers))
