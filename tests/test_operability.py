@@ -486,7 +486,8 @@ def test_node_sends_ready_once_serving_and_stopping_on_sigterm():
 
 
 def test_sigterm_drains_an_inflight_request_then_exits(tmp_path):
-    # 40 tokens at 50 ms per decode step: about 2 s of decode to interrupt.
+    # 160 tokens at 50 ms per decode step: about 8 s of decode to interrupt, so the checks between the
+    # SIGTERM and `alive()` (a few hundred ms, seconds on a loaded CI machine) end well before it does.
     lc = start_local_cluster(tmp_path, decode_args=("--mock-decode-cost-per-step-s", "0.05"))
     try:
         decode = lc.procs["decode-0"]
@@ -496,7 +497,7 @@ def test_sigterm_drains_an_inflight_request_then_exits(tmp_path):
         tokens: list[int] = []
         final = []
         with Client(lc.coordinator, timeout_s=60) as client:
-            stream = client.generate(prompt, max_tokens=40, ignore_eos=True)
+            stream = client.generate(prompt, max_tokens=160, ignore_eos=True)
             for event in stream:
                 if hasattr(event, "token_ids"):
                     tokens.extend(event.token_ids)
@@ -516,7 +517,7 @@ def test_sigterm_drains_an_inflight_request_then_exits(tmp_path):
                         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
                     assert decode.alive(), "the node must drain, not exit, while a request runs"
         # The request finished with every token, on the node that was told to stop.
-        assert len(tokens) == 40 and final and final[0].completion_tokens == 40, (len(tokens), final)
+        assert len(tokens) == 160 and final and final[0].completion_tokens == 160, (len(tokens), final)
         assert final[0].decode_node == "decode-0"
         # Then the node exits on its own, with status 0, well within its 30 s grace.
         assert decode.proc.wait(timeout=15) == 0
