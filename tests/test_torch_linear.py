@@ -123,3 +123,15 @@ def test_engine_option_picks_the_kernel():
     model, config_text = load_tiny_random(torch.float32)
     with pytest.raises(ValueError, match="linear_kernel"):
         TorchEngine(model, ByteTokenizer(), name="tiny-random", config_text=config_text, linear_kernel="blas")
+
+
+@needs_onednn
+def test_bf16_weights_pack_too():
+    lin = _linear(64, 48, True).to(torch.bfloat16)
+    x = torch.randn(5, 64).to(torch.bfloat16)
+    assert kernel_works(torch.bfloat16)
+    with torch.inference_mode():
+        got = PackedLinear(lin)(x)
+        want = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
