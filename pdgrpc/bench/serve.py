@@ -9,8 +9,9 @@ Writes ``<out>/serve.json``, ``<out>/serve_requests.json`` and the PNG plots.
 
 With ``--peer vllm``, vLLM's own disaggregated serving (pdgrpc.bench.vllm_peer: two vLLM OpenAI
 servers with ExampleConnector, pinned like the ``disagg`` setup, and a proxy) runs as one more setup,
-``vllm-native-disagg``, driven over HTTP but measured like the others: same requests, arrival times
-and interleaving, same statistics; a second table compares pdgrpc's disaggregated setups with it.
+``vllm-native-disagg`` (``--peer vllm-shared``: both servers on every core, like ``disagg-shared``),
+driven over HTTP but measured like the others: same requests, arrival times and interleaving, same
+statistics; a second table compares pdgrpc's disaggregated setups with it.
 With ``--engine vllm`` that compares the serving systems on one engine; with ``--engine torch`` it
 compares pdgrpc as a user would run it (its own engine) with vLLM as a user would run it.
 
@@ -44,9 +45,9 @@ VLLM_NOTE = ("vLLM peer skipped: the 'vllm' package is not installed here (pip i
 # (the engines' kernels included). Against the mock engine it would mean nothing.
 VLLM_ENGINE_NOTE = ("vLLM peer skipped: it runs with --engine vllm (pdgrpc on vLLM's engine) or --engine torch "
                     "(pdgrpc's own engine against vLLM's), not with --engine {engine}")
-VLLM_PEER_NOTE = (f"vLLM peer: setup {PEER_NAME}, vLLM's own disaggregated serving (two vLLM OpenAI servers with "
-                  "ExampleConnector, producer pinned like disagg's prefill node, consumer like its decode node, "
-                  "and a proxy), driven over HTTP /v1/completions with the same requests and arrival times")
+VLLM_PEER_NOTE = ("vLLM peer: setup {name}, vLLM's own disaggregated serving (two vLLM OpenAI servers with "
+                  "ExampleConnector, producer on cores {prefill}, consumer on cores {decode}, and a proxy), driven "
+                  "over HTTP /v1/completions with the same requests and arrival times")
 # vLLM's worker busy-polls for ~1 s after each step (engine notes): at rate 0 the next setup's request
 # must not start while the previous setup's engines still spin on the same cores
 VLLM_GAP_S = 1.5
@@ -91,9 +92,10 @@ def add_arguments(p) -> None:
     p.add_argument("--request-timeout-s", type=float, default=300.0)
     p.add_argument("--drain-timeout-s", type=float, default=180.0, help="wait at most this after the last arrival")
     p.add_argument("--start-timeout-s", type=float, default=600.0)
-    p.add_argument("--peer", choices=["vllm"], action="append", default=[],
-                   help=f"also drive another system on the same cores (vllm: vLLM's own disaggregated serving, "
-                        f"setup {PEER_NAME}; with --engine vllm or torch)")
+    p.add_argument("--peer", choices=["vllm", "vllm-shared"], action="append", default=[],
+                   help=f"also drive another system on the same cores, with --engine vllm or torch (vllm: vLLM's own "
+                        f"disaggregated serving pinned as the disagg setup, setup {PEER_NAME}; vllm-shared: its two "
+                        f"servers both on every core, as disagg-shared, setup {PEER_NAME}-shared); repeatable")
     p.add_argument("--out", default="bench-results/serve", help="output folder")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -321,19 +323,22 @@ def main(args) -> int:
         print("pdgrpc bench serve: @chunkN and @linear-KERNEL setups need --engine torch", file=sys.stderr)
         return 2
     if args.gap_s is None:
-        args.gap_s = VLLM_GAP_S if args.engine == "vllm" or "vllm" in args.peer else 0.3
+        args.gap_s = VLLM_GAP_S if args.engine == "vllm" or args.peer else 0.3
     peers: dict[str, str] = {}
-    peer: VllmNativeDisagg | None = None
-    if "vllm" in args.peer:
+    peer_list: list[VllmNativeDisagg] = []
+    for kind in dict.fromkeys(args.peer):
         if args.engine not in ("vllm", "torch"):
-            peers["vllm"] = VLLM_ENGINE_NOTE.format(engine=args.engine)
+            peers[kind] = VLLM_ENGINE_NOTE.format(engine=args.engine)
         elif importlib.util.find_spec("vllm") is None:
-            peers["vllm"] = VLLM_NOTE
+            peers[kind] = VLLM_NOTE
         else:
-            peers["vllm"] = VLLM_PEER_NOTE
-            peer = VllmNativeDisagg(*cl.split_cores(cores), model=args.model,  # pinned as the disagg setup
-                                    dtype=args.dtype or "float32", start_timeout_s=args.start_timeout_s)
-        print(peers["vllm"], file=sys.stderr)
+            # vllm: pinned as the disagg setup; vllm-shared: both servers on every core, as disagg-shared
+            prefill_cores, decode_cores = cl.split_cores(cores) if kind == "vllm" else (cores, cores)
+            name = PEER_NAME if kind == "vllm" else f"{PEER_NAME}-shared"
+            peers[kind] = VLLM_PEER_NOTE.format(name=name, prefill=prefill_cores, decode=decode_cores)
+            peer_list.append(VllmNativeDisagg(prefill_cores, decode_cores, model=args.model, name=name,
+                                              dtype=args.dtype or "float32", start_timeout_s=args.start_timeout_s))
+        print(peers[kind], file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
     engine = _engine(args)
     report: dict = {
@@ -349,27 +354,27 @@ def main(args) -> int:
         report["setups"][s.name] = {"description": s.description, "mode": s.mode,
                                     "config": s.config_text(0, engine).split("\n", 1)[1], "runs": []}
     if args.engine == "vllm":
-        engines = sum(len(s.nodes) for s in specs) + (2 if peer else 0)
+        engines = sum(len(s.nodes) for s in specs) + 2 * len(peer_list)
         need, avail = engines * VLLM_ENGINE_GIB, _mem_available_gib()
         if need > avail:
             print(f"warning: {engines} vLLM engines (~{need:.0f} GiB) start at once with {avail:.1f} GiB available; "
                   "if they do not fit, run fewer setups per invocation (--setups)", file=sys.stderr)
     raw: dict = {}
     print(f"starting {len(specs)} clusters ({', '.join(names)}) with engine {args.engine}"
-          f"{f' and {PEER_NAME}' if peer else ''} ...", flush=True)
+          f"{''.join(f' and {p.name}' for p in peer_list)} ...", flush=True)
     setups: list[AnySetup] = []
     try:
-        if peer is not None:  # launched first, waited for last: its two engines start beside the clusters
+        for peer in peer_list:  # launched first, waited for last: their engines start beside the clusters
             peer.start(wait=False)
         setups += cl.start_setups(specs, engine, args.start_timeout_s)
-        if peer is not None:
+        for peer in peer_list:
             setups.append(peer.wait(args.start_timeout_s))
             report["setups"][peer.name] = {"description": peer.description, "mode": peer.mode,
                                            "config": peer.config_text(), "runs": []}
     except BaseException:
         for s in setups:
             s.stop()
-        if peer is not None:
+        for peer in peer_list:
             peer.stop()
         raise
     # idle setups should cost nothing (vLLM's workers stop polling ~1 s after their last step)
@@ -379,13 +384,14 @@ def main(args) -> int:
     except KeyboardInterrupt:
         print("interrupted: writing what was measured", file=sys.stderr)
     except Exception:
-        if peer is not None:
+        for peer in peer_list:
             peer.print_logs()  # the logs go with the peer's temporary folder: show them first
         raise
     finally:
-        if peer is not None and peer.name in report["setups"]:
-            # the consumer logs each prompt it loaded from the producer's files: 0 would mean recompute
-            report["setups"][peer.name]["kv_loads"] = peer.kv_loads()
+        for peer in peer_list:
+            if peer.name in report["setups"]:
+                # the consumer logs each prompt it loaded from the producer's files: 0 would mean recompute
+                report["setups"][peer.name]["kv_loads"] = peer.kv_loads()
         for s in setups:
             s.stop()
     for s in report["setups"].values():

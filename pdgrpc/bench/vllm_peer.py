@@ -218,11 +218,11 @@ class VllmNativeDisagg:
     ``start``/``wait``/``stop``, ``cpu_by_process``); its ``address`` is an http:// URL, which
     pdgrpc.bench.driver.open_sender drives through OpenAI ``/v1/completions``."""
 
-    name = PEER_NAME
     mode = "peer"  # neither of pdgrpc's modes: bench serve compares it with pdgrpc's disaggregated setups
 
     def __init__(self, prefill_cores: list[int], decode_cores: list[int], model: str = "", dtype: str = "float32",
-                 start_timeout_s: float = 600.0) -> None:
+                 start_timeout_s: float = 600.0, name: str = PEER_NAME) -> None:
+        self.name = name
         self.prefill_cores, self.decode_cores = list(prefill_cores), list(decode_cores)
         self.model, self.dtype, self.start_timeout_s = model, dtype or "float32", start_timeout_s
         self.procs: list[_Proc] = []
