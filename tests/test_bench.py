@@ -436,6 +436,12 @@ def test_peer_comparison_rows(capsys):
     print_comparison(report)
     out = capsys.readouterr().out
     assert "disaggregated vs the better colocated" in out and "pdgrpc disaggregated vs vllm-native-disagg" in out
+    # Without a colocated setup in the run, the table against the peer still prints.
+    del report["setups"]["colocated"]
+    report["comparison"] = compare(report, raw)
+    print_comparison(report)
+    out = capsys.readouterr().out
+    assert "better colocated" not in out and "pdgrpc disaggregated vs vllm-native-disagg" in out
 
 
 @pytest.mark.fast

@@ -416,10 +416,9 @@ def main(args) -> int:
 
 def print_comparison(report: dict) -> None:
     rows = report.get("comparison", [])
-    if not rows:
-        return
-    print("\ndisaggregated vs the better colocated setup at each rate (ratio < 1: disaggregated lower)")
-    _print_rows(rows)
+    if rows:
+        print("\ndisaggregated vs the better colocated setup at each rate (ratio < 1: disaggregated lower)")
+        _print_rows(rows)
     peer_rows = report.get("peer_comparison", [])
     if peer_rows:
         print(f"\npdgrpc disaggregated vs {', '.join(sorted({r['baseline'] for r in peer_rows}))} at each rate "
