@@ -337,6 +337,22 @@ def test_tiny_batch_changes_in_place_equal_singles(tiny):
     assert tiny._batch is None
 
 
+def test_tiny_longer_newcomer_joins_in_place_on_cpu(tiny):
+    """On CPU the batch's padding is never written, so a batch starts as wide as the model allows: a
+    prompt longer than every running sequence joins in a spare row (no rebuild copying every row
+    into a new buffer) and still decodes exactly as alone."""
+    assert tiny._batch_min_length == tiny.spec.max_model_len
+    prompts = [tiny.tokenizer.encode(p) for p in ("short", "tiny", "a much longer prompt than the others, " * 8)]
+    alone = [run_alone(tiny, ids, 14) for ids in prompts]
+    before = dict(tiny.batch_changes)
+    batched = run_joining_batch(tiny, prompts, joins=[0, 0, 4], leave={}, steps=12)
+    for ours, ref in zip(batched, alone):
+        assert ours == ref[:len(ours)] and len(ours) >= 8
+    changes = {k: tiny.batch_changes[k] - before[k] for k in before}
+    assert changes == {"in_place": 1, "rebuilt": 1}, changes  # the first batch, then the long one joins
+    assert tiny._batch is None
+
+
 def test_tiny_seeded_sampling(tiny):
     ids = tiny.tokenizer.encode("sample me")
     s7 = SamplingParams(max_tokens=20, temperature=1.0, top_k=100, top_p=0.95, seed=7, ignore_eos=True)

@@ -318,6 +318,9 @@ class TorchEngine(Engine):
         packed = self.compute.run(pack_linears, self.model) if linear_kernel == "onednn" else 0
         self.linear_kernel = "onednn" if packed else "torch"  # what runs (onednn falls back on GPU)
         log.info("linear kernel: %s%s", self.linear_kernel, f" ({packed} layers prepacked)" if packed else "")
+        # Where padding is never written, decode batches start this wide, so a prompt up to the model's
+        # length joins a running batch in place (see DecodeBatch); elsewhere padding is computed: 0.
+        self._batch_min_length = self.spec.max_model_len if self._attends_to_held_columns else 0
         self.layers_per_group = layers_per_group
         self.min_group_bytes = min_group_bytes
         self.groups = [(s, min(s + layers_per_group, self.num_layers))
@@ -600,9 +603,10 @@ class TorchEngine(Engine):
             staying = len(seqs) - len(joining)
             longest = max(s.length for s in seqs)
             # In place: newcomers fit under the padded length, rows suffice, and the padding left
-            # by sequences that finished is not most of the batch (it is computed on every step).
+            # by sequences that finished is not most of the batch (it is computed on every step,
+            # unless attention reads held columns only: then only its width is bounded).
             if (staying and all(old.can_add(s, len(joining)) for s in joining)
-                    and old.length <= 2 * longest + 64):
+                    and old.length <= 2 * max(longest, self._batch_min_length) + 64):
                 for s in [s for s in old.seqs if s.serial not in members]:
                     self._leave(old, s)
                 for s in joining:
@@ -627,7 +631,7 @@ class TorchEngine(Engine):
         own copy back."""
         old = self._batch
         new = DecodeBatch(seqs, self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device, self.pool,
-                          zero_padding=not self._attends_to_held_columns)
+                          zero_padding=not self._attends_to_held_columns, min_length=self._batch_min_length)
         members = {s.serial for s in seqs}
         if old is not None:
             for s in list(old.seqs):
