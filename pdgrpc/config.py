@@ -15,7 +15,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 
-from pdgrpc.engine.registry import ENGINES, EngineOptions, check_linear_kernel
+from pdgrpc.engine.registry import ENGINES, EngineOptions, check_torch_options
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
@@ -144,12 +144,7 @@ class ClusterConfig:
                 raise ConfigError(f"node {n.name}: cpus {list(n.cpus)} outside 0-{cpus - 1}")
             if n.max_requests <= 0 or n.max_batch <= 0:
                 raise ConfigError(f"node {n.name}: max_requests and max_batch must be > 0")
-            if n.engine.prefill_chunk_tokens < 0:
-                raise ConfigError(f"node {n.name}: prefill_chunk_tokens must be >= 0 (0: no chunks)")
-            if n.engine.prefill_chunk_tokens and n.engine.name != "torch":
-                raise ConfigError(f"node {n.name}: prefill_chunk_tokens is a torch engine option "
-                                  f"(vLLM chunks prefill in its own scheduler), not {n.engine.name}'s")
-            check_linear_kernel(n.engine, f"node {n.name}: ", ConfigError)
+            check_torch_options(n.engine, f"node {n.name}: ", ConfigError)
         parse_size(self.store.max_memory)
         return self
 

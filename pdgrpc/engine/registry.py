@@ -27,14 +27,17 @@ ENGINES = ("mock", "torch", "vllm")
 LINEAR_KERNELS = ("onednn", "torch")
 
 
-def check_linear_kernel(opts: EngineOptions, where: str, error: type[Exception]) -> None:
-    """``linear_kernel`` names a known kernel, and only for the torch engine (the others have theirs)."""
-    if not opts.linear_kernel:
-        return
-    if opts.linear_kernel not in LINEAR_KERNELS:
+def check_torch_options(opts: EngineOptions, where: str, error: type[Exception]) -> None:
+    """The torch-only options (``prefill_chunk_tokens``, ``linear_kernel``) hold valid values and are
+    set only for the torch engine (vLLM chunks prefill in its own scheduler and has its own kernels).
+    One check for the config file and a node's command line, raising ``error``."""
+    if opts.prefill_chunk_tokens < 0:
+        raise error(f"{where}prefill_chunk_tokens must be >= 0 (0: no chunks)")
+    if opts.linear_kernel and opts.linear_kernel not in LINEAR_KERNELS:
         raise error(f"{where}linear_kernel must be one of {LINEAR_KERNELS}, not {opts.linear_kernel!r}")
-    if opts.name != "torch":
-        raise error(f"{where}linear_kernel is a torch engine option, not {opts.name}'s")
+    for key in ("prefill_chunk_tokens", "linear_kernel"):
+        if getattr(opts, key) and opts.name != "torch":
+            raise error(f"{where}{key} is a torch engine option, not {opts.name}'s")
 
 
 def build_engine(opts: EngineOptions) -> Engine:

@@ -19,8 +19,6 @@ import logging
 
 import torch
 
-from pdgrpc.engine.registry import LINEAR_KERNELS as KERNELS  # noqa: F401  (re-exported)
-
 log = logging.getLogger(__name__)
 _DTYPES = (torch.float32, torch.bfloat16)
 

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from pdgrpc import metrics, sdnotify
-from pdgrpc.engine.registry import LINEAR_KERNELS, EngineOptions, build_engine, check_linear_kernel
+from pdgrpc.engine.registry import LINEAR_KERNELS, EngineOptions, build_engine, check_torch_options
 from pdgrpc.errors import Unavailable
 from pdgrpc.grpcutil import add_health_and_reflection, new_server, set_serving, wait_for_stop_signal
 from pdgrpc.kvstore.client import KVStoreClient
@@ -56,12 +56,7 @@ class NodeConfig:
             raise ValueError("max_requests, max_batch and batch_token_budget must be > 0")
         if self.kv_lease_s <= 0 or self.grace_s < 0:
             raise ValueError("kv_lease_s must be > 0 and grace_s >= 0")
-        if self.engine.prefill_chunk_tokens < 0:
-            raise ValueError("prefill_chunk_tokens must be >= 0 (0: no chunks)")
-        if self.engine.prefill_chunk_tokens and self.engine.name != "torch":
-            raise ValueError(f"--prefill-chunk-tokens is a torch engine option (vLLM chunks prefill in its own "
-                             f"scheduler), not {self.engine.name}'s")
-        check_linear_kernel(self.engine, "", ValueError)
+        check_torch_options(self.engine, "", ValueError)
         return self
 
 
