@@ -133,6 +133,8 @@ def node_command(n: cfgmod.NodeSection, cluster: cfgmod.ClusterConfig, extra: li
         cmd += ["--prefill-chunk-tokens", str(e.prefill_chunk_tokens)]
     if e.linear_kernel:
         cmd += ["--linear-kernel", e.linear_kernel]
+    if e.mkl_dispatch:
+        cmd += ["--mkl-dispatch", e.mkl_dispatch]
     if e.model:
         cmd += ["--model", e.model]
     if e.dtype:

@@ -15,6 +15,11 @@ from dataclasses import dataclass, field
 import pytest
 
 from pdgrpc.bench.cluster import free_port, port_free  # noqa: F401 -- free_port is for the tests
+from pdgrpc.engine import mkl_dispatch
+
+# Before anything loads torch: the nodes choose MKL's kernels by CPU features (pdgrpc.engine.mkl_dispatch),
+# and the exactness tests' in-process references run the same kernels.
+MKL_NOTE = mkl_dispatch.enable()
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -219,7 +219,11 @@ def test_setup_variants_change_only_their_engine_option(capsys):
     both_nodes = cfgmod.from_dict(tomllib.loads(both.config_text(40000, engine))).nodes
     assert {(n.engine.prefill_chunk_tokens, n.engine.linear_kernel) for n in both_nodes} == {(128, "torch")}
     assert "torch linear kernel" in both.description
-    for bad in ("colocated@fast", "nope@chunk1", "colocated@chunk", "disagg@linear-blas", "disagg@linear-"):
+    vendor = cl.setup_variant("colocated@mkl-vendor", known)
+    vendor_nodes = cfgmod.from_dict(tomllib.loads(vendor.config_text(40000, engine))).nodes
+    assert {n.engine.mkl_dispatch for n in vendor_nodes} == {"vendor"}
+    for bad in ("colocated@fast", "nope@chunk1", "colocated@chunk", "disagg@linear-blas", "disagg@linear-",
+                "disagg@mkl-intel"):
         with pytest.raises(ValueError):
             cl.setup_variant(bad, known)
     assert main(_args("serve", "--engine", "mock", "--setups", "disagg@chunk64,colocated")) == 2

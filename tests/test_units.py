@@ -145,7 +145,9 @@ def test_config_fills_ports_from_the_base_and_rejects_mistakes(tmp_path):
     for bad, fragment in (({"engine": "torch", "prefill_chunk_tokens": -1}, ">= 0"),
                           ({"engine": "mock", "prefill_chunk_tokens": 64}, "torch engine option"),
                           ({"engine": "torch", "linear_kernel": "blas"}, "must be one of"),
-                          ({"engine": "vllm", "linear_kernel": "torch"}, "torch engine option")):
+                          ({"engine": "vllm", "linear_kernel": "torch"}, "torch engine option"),
+                          ({"engine": "torch", "mkl_dispatch": "intel"}, "must be one of"),
+                          ({"engine": "mock", "mkl_dispatch": "vendor"}, "torch engine option")):
         with pytest.raises(cfgmod.ConfigError, match=fragment):
             cfgmod.from_dict({"defaults": bad, "prefill": [{}], "decode": [{}]}).validate()
     kernel = cfgmod.from_dict({"defaults": {"engine": "torch"}, "prefill": [{"linear_kernel": "torch"}],
@@ -153,6 +155,10 @@ def test_config_fills_ports_from_the_base_and_rejects_mistakes(tmp_path):
     assert [n.engine.linear_kernel for n in kernel.nodes] == ["torch", ""]
     cmds = [node_command(n, kernel, []) for n in kernel.nodes]
     assert cmds[0][cmds[0].index("--linear-kernel") + 1] == "torch" and "--linear-kernel" not in cmds[1]
+    mkl = cfgmod.from_dict({"defaults": {"engine": "torch"}, "prefill": [{}],
+                            "decode": [{"mkl_dispatch": "vendor"}]}, 40000)
+    cmds = [node_command(n, mkl, []) for n in mkl.nodes]
+    assert "--mkl-dispatch" not in cmds[0] and cmds[1][cmds[1].index("--mkl-dispatch") + 1] == "vendor"
     assert cfgmod.parse_size("2GB") == 2 * 10**9 and cfgmod.parse_size("1GiB") == 2**30
 
 

@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from pdgrpc.engine.registry import LINEAR_KERNELS
+from pdgrpc.engine.registry import LINEAR_KERNELS, MKL_DISPATCHES
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -142,9 +142,13 @@ def setup_variant(name: str, known: dict[str, SetupSpec]) -> SetupSpec:
         elif option.startswith("linear-") and option[7:] in LINEAR_KERNELS:
             desc += f", {option[7:]} linear kernel"
             overrides.append(("linear_kernel", option[7:]))
+        elif option.startswith("mkl-") and option[4:] in MKL_DISPATCHES:
+            desc += f", MKL kernels by CPU {option[4:]}"
+            overrides.append(("mkl_dispatch", option[4:]))
         else:
-            raise ValueError(f"setup {name!r}: options are @chunkN (prefill in chunks of N tokens; 0: none) "
-                             f"and @linear-KERNEL (KERNEL: {', '.join(LINEAR_KERNELS)})")
+            raise ValueError(f"setup {name!r}: options are @chunkN (prefill in chunks of N tokens; 0: none), "
+                             f"@linear-KERNEL (KERNEL: {', '.join(LINEAR_KERNELS)}) and @mkl-HOW "
+                             f"(HOW: {', '.join(MKL_DISPATCHES)})")
     return dataclasses.replace(known[base], name=name, description=desc, engine_overrides=tuple(overrides))
 
 

@@ -44,6 +44,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from pdgrpc.engine import mkl_dispatch
 from pdgrpc.engine.base import DecodeWork, Engine, KVGroup, PrefillWork, SampledToken, Tokenizer
 from pdgrpc.engine.registry import LINEAR_KERNELS, EngineOptions
 from pdgrpc.engine.torch_attention import ATTENDS_TO_HELD_COLUMNS_ONLY, NAME, held_columns, use_engine_attention
@@ -181,7 +182,8 @@ def _eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def build_torch_engine(opts: EngineOptions) -> TorchEngine:
+def build_torch_engine(opts: EngineOptions, mkl_note: str = "") -> TorchEngine:
+    """``mkl_note``: what ``mkl_dispatch.enable()`` did before torch was loaded (see registry.build_engine)."""
     dname = dtype_name(opts.dtype)
     device = parse_device(opts.device)
     if opts.threads < 0:
@@ -190,6 +192,10 @@ def build_torch_engine(opts: EngineOptions) -> TorchEngine:
     dtype = _DTYPES[dname]
     compute = ComputeThread()
     try:
+        if mkl_dispatch.enabled():
+            compute.run(mkl_dispatch.check)  # a wrong kernel stops the node here, not in a request
+        if mkl_note:
+            log.info("MKL kernels: %s", mkl_note)
         if opts.model == TINY_RANDOM:
             from pdgrpc.engine.mock import ByteTokenizer
 

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from pdgrpc import metrics, sdnotify
-from pdgrpc.engine.registry import LINEAR_KERNELS, EngineOptions, build_engine, check_torch_options
+from pdgrpc.engine.registry import LINEAR_KERNELS, MKL_DISPATCHES, EngineOptions, build_engine, check_torch_options
 from pdgrpc.errors import Unavailable
 from pdgrpc.grpcutil import add_health_and_reflection, new_server, set_serving, wait_for_stop_signal
 from pdgrpc.kvstore.client import KVStoreClient
@@ -173,6 +173,9 @@ def add_node_arguments(parser, role: Role) -> None:
                              "that arrive meanwhile in between (0: one forward per prompt)")
     parser.add_argument("--linear-kernel", default="", choices=("", *LINEAR_KERNELS),
                         help="torch engine on CPU: onednn (prepacked weights, the default) or torch (F.linear)")
+    parser.add_argument("--mkl-dispatch", default="", choices=("", *MKL_DISPATCHES),
+                        help="torch engine on x86: features (MKL picks kernels by CPU features, e.g. AVX-512 "
+                             "on AMD; the default) or vendor (MKL's own choice)")
     parser.add_argument("--log-level", default="info")
 
 
@@ -196,7 +199,8 @@ def run_node(args, role: Role) -> int:
                 mock_prefill_cost_per_token_s=args.mock_prefill_cost_per_token_s,
                 mock_decode_cost_per_step_s=args.mock_decode_cost_per_step_s,
                 mock_layers_per_group=args.mock_layers_per_group,
-                prefill_chunk_tokens=args.prefill_chunk_tokens, linear_kernel=args.linear_kernel),
+                prefill_chunk_tokens=args.prefill_chunk_tokens, linear_kernel=args.linear_kernel,
+                mkl_dispatch=args.mkl_dispatch),
             cpus=parse_cpus(args.cpus), max_requests=args.max_requests, max_batch=args.max_batch,
             batch_token_budget=args.batch_token_budget, kv_lease_s=args.kv_lease_s, grace_s=args.grace_s,
         ).validate()
