@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import numpy as np
 import pytest
@@ -326,6 +327,22 @@ def test_vllm_peer_servers_match_pdgrpc_settings_and_producer_never_chunks(tmp_p
                         "kv_connector_extra_config": {"shared_storage_path": "/dev/shm/kv"}}
     # ExampleConnector would store a chunked prompt's first chunk under the whole prompt's key
     assert "--no-enable-chunked-prefill" in producer and "--no-enable-chunked-prefill" not in consumer
+
+
+def test_vllm_mkl_peer_preloads_the_shim_into_both_servers(tmp_path, monkeypatch):
+    """``--peer vllm-mkl``: vLLM gets the MKL kernels pdgrpc's engine gets (LD_PRELOAD of the same shim)."""
+    from pdgrpc.bench.vllm_peer import VllmNativeDisagg
+
+    (tmp_path / "config.json").write_text('{"max_position_embeddings": 8192}')
+    spawned: list[tuple[list, dict]] = []
+    for preload in ("/opt/shim.so", ""):
+        peer = VllmNativeDisagg([0], [1], preload=preload)
+        monkeypatch.setattr(peer, "_spawn", lambda name, cmd, env, url: spawned.append((cmd, env)))
+        peer._server("producer", str(tmp_path), "kv_producer", "/dev/shm/kv", [0])
+        assert ("MKL kernels by CPU features" in peer.description) == bool(preload)
+    (_, with_shim), (_, without) = spawned
+    assert with_shim["LD_PRELOAD"].split()[0] == "/opt/shim.so"
+    assert without.get("LD_PRELOAD", "") == os.environ.get("LD_PRELOAD", "")
 
 
 # ---- the OpenAI HTTP sender (vLLM's own serving as a bench serve setup; no vLLM needed) -----------

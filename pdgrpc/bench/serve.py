@@ -35,6 +35,7 @@ from pdgrpc.bench.driver import open_sender, progress_bar, run_open_loop
 from pdgrpc.bench.stats import RequestResult, by_kind, max_rate_at_attainment, result_dict, summarize
 from pdgrpc.bench.vllm_peer import PEER_NAME, VllmNativeDisagg
 from pdgrpc.bench.workloads import WORKLOADS, WorkloadSpec, poisson_arrivals
+from pdgrpc.engine import mkl_dispatch
 
 AnySetup = cl.Setup | VllmNativeDisagg  # both: name, address, pids(), stop()
 
@@ -92,10 +93,11 @@ def add_arguments(p) -> None:
     p.add_argument("--request-timeout-s", type=float, default=300.0)
     p.add_argument("--drain-timeout-s", type=float, default=180.0, help="wait at most this after the last arrival")
     p.add_argument("--start-timeout-s", type=float, default=600.0)
-    p.add_argument("--peer", choices=["vllm", "vllm-shared"], action="append", default=[],
+    p.add_argument("--peer", choices=["vllm", "vllm-shared", "vllm-mkl"], action="append", default=[],
                    help=f"also drive another system on the same cores, with --engine vllm or torch (vllm: vLLM's own "
                         f"disaggregated serving pinned as the disagg setup, setup {PEER_NAME}; vllm-shared: its two "
-                        f"servers both on every core, as disagg-shared, setup {PEER_NAME}-shared); repeatable")
+                        f"servers both on every core, as disagg-shared, setup {PEER_NAME}-shared; vllm-mkl: pinned, "
+                        f"its servers with the MKL shim of pdgrpc's torch engine, setup {PEER_NAME}-mkl); repeatable")
     p.add_argument("--out", default="bench-results/serve", help="output folder")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -320,7 +322,7 @@ def main(args) -> int:
         print(f"pdgrpc bench serve: {exc}", file=sys.stderr)
         return 2
     if any(s.engine_overrides for s in specs) and args.engine != "torch":
-        print("pdgrpc bench serve: @chunkN and @linear-KERNEL setups need --engine torch", file=sys.stderr)
+        print("pdgrpc bench serve: @chunkN, @linear-KERNEL and @mkl-HOW setups need --engine torch", file=sys.stderr)
         return 2
     if args.gap_s is None:
         args.gap_s = VLLM_GAP_S if args.engine == "vllm" or args.peer else 0.3
@@ -332,12 +334,22 @@ def main(args) -> int:
         elif importlib.util.find_spec("vllm") is None:
             peers[kind] = VLLM_NOTE
         else:
-            # vllm: pinned as the disagg setup; vllm-shared: both servers on every core, as disagg-shared
-            prefill_cores, decode_cores = cl.split_cores(cores) if kind == "vllm" else (cores, cores)
-            name = PEER_NAME if kind == "vllm" else f"{PEER_NAME}-shared"
+            # vllm: pinned as the disagg setup; vllm-shared: both servers on every core, as disagg-shared;
+            # vllm-mkl: pinned, with the MKL shim pdgrpc's torch engine loads (pdgrpc.engine.mkl_dispatch)
+            prefill_cores, decode_cores = cl.split_cores(cores) if kind != "vllm-shared" else (cores, cores)
+            name = PEER_NAME if kind == "vllm" else f"{PEER_NAME}{kind[4:]}"
+            preload = ""
+            if kind == "vllm-mkl":
+                spec = importlib.util.find_spec(mkl_dispatch.SHIM)
+                if spec is None or not spec.origin:
+                    peers[kind] = "vLLM peer vllm-mkl skipped: the MKL shim was not built (no C compiler at install?)"
+                    print(peers[kind], file=sys.stderr)
+                    continue
+                preload = spec.origin
             peers[kind] = VLLM_PEER_NOTE.format(name=name, prefill=prefill_cores, decode=decode_cores)
             peer_list.append(VllmNativeDisagg(prefill_cores, decode_cores, model=args.model, name=name,
-                                              dtype=args.dtype or "float32", start_timeout_s=args.start_timeout_s))
+                                              dtype=args.dtype or "float32", start_timeout_s=args.start_timeout_s,
+                                              preload=preload))
         print(peers[kind], file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
     engine = _engine(args)

@@ -221,8 +221,11 @@ class VllmNativeDisagg:
     mode = "peer"  # neither of pdgrpc's modes: bench serve compares it with pdgrpc's disaggregated setups
 
     def __init__(self, prefill_cores: list[int], decode_cores: list[int], model: str = "", dtype: str = "float32",
-                 start_timeout_s: float = 600.0, name: str = PEER_NAME) -> None:
+                 start_timeout_s: float = 600.0, name: str = PEER_NAME, preload: str = "") -> None:
+        """``preload``: a shared library for the servers' LD_PRELOAD (pdgrpc's MKL feature-dispatch shim,
+        so vLLM gets the MKL kernels pdgrpc's torch engine gets; see pdgrpc.engine.mkl_dispatch)."""
         self.name = name
+        self.preload = preload
         self.prefill_cores, self.decode_cores = list(prefill_cores), list(decode_cores)
         self.model, self.dtype, self.start_timeout_s = model, dtype or "float32", start_timeout_s
         self.procs: list[_Proc] = []
@@ -238,7 +241,8 @@ class VllmNativeDisagg:
     @property
     def description(self) -> str:
         return (f"vLLM's own disaggregated serving: producer server on cores {self.prefill_cores}, consumer on "
-                f"cores {self.decode_cores}, {CONNECTOR} on tmpfs, proxy (unpinned)")
+                f"cores {self.decode_cores}, {CONNECTOR} on tmpfs, proxy (unpinned)"
+                + (", MKL kernels by CPU features (pdgrpc's shim preloaded)" if self.preload else ""))
 
     def config_text(self) -> str:
         """The servers' and the proxy's command lines as launched (empty before ``start``)."""
@@ -315,6 +319,8 @@ class VllmNativeDisagg:
         env = os.environ.copy()
         env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_list(cores)  # with a connector vLLM keeps no core back itself
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        if self.preload:
+            env["LD_PRELOAD"] = " ".join(filter(None, (self.preload, env.get("LD_PRELOAD", ""))))
         cmd = ["taskset", "-c", cpu_list(cores), *server_command(folder, port, role, storage, self.dtype)]
         return self._spawn(name, cmd, env, f"http://127.0.0.1:{port}")
 
