@@ -41,15 +41,20 @@ def test_packed_linear_equals_f_linear_to_fp32_rounding(shape, bias):
 
 
 @needs_onednn
-def test_a_row_gets_the_same_bits_whatever_the_batch():
-    """Decode batches change size as sequences come and go: a row's result must not depend on it."""
-    lin = PackedLinear(_linear(576, 576, False))
-    x = torch.randn(64, 576)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_in,n_out", [(576, 576), (1536, 576), (576, 1536)])  # SmolLM2's shapes
+def test_a_row_gets_the_same_bits_whatever_the_batch(dtype, n_in, n_out):
+    """Decode batches change size as sequences come and go: a row's result must not depend on it.
+    oneDNN sums 1 row (fp32) or 1-2 rows (bf16) in another order than more at K = 1536 (the MLP's
+    down projection); PackedLinear pads those (MIN_ROWS). Without the padding the fp32 case fails."""
+    lin = PackedLinear(_linear(n_in, n_out, False).to(dtype))
+    x = torch.randn(64, 1, n_in).to(dtype)  # [rows, 1 token, features], as a decode step
     with torch.inference_mode():
         whole = lin(x)
-        for rows in (1, 3, 17):
-            assert torch.equal(lin(x[:rows]), whole[:rows])
+        for rows in (1, 2, 3, 4, 17, 33):
+            assert torch.equal(lin(x[:rows]), whole[:rows]), f"{rows} rows"
         assert torch.equal(lin(x[5:6]), whole[5:6])
+        assert lin(x[:2]).shape == (2, 1, n_out)
 
 
 @needs_onednn

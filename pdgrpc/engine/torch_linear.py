@@ -5,7 +5,8 @@ slower code path than the CPU supports: a [1000 x 576] x [576 x 1536] product ra
 one core, while oneDNN (bundled with PyTorch, the library vLLM's CPU backend also uses) with the weight
 reordered once into its blocked layout ran the same product at ~240 GFLOPS, and decode-sized products
 (4-32 rows) 2.5-3x faster. Results stay fp32 (max relative error against float64 ~1e-6, as MKL's) and,
-unlike MKL's, a row's result does not depend on how many rows are in the batch.
+unlike MKL's, a row's result does not depend on how many rows are in the batch (products of 1-2 rows
+are padded to 3: oneDNN sums those in another order).
 
 ``pack_linears(model)`` swaps every ``nn.Linear`` of a CPU model for a ``PackedLinear`` that holds the
 reordered weight (the original weights stay reachable through other modules where they are tied,
@@ -21,6 +22,7 @@ import torch
 
 log = logging.getLogger(__name__)
 _DTYPES = (torch.float32, torch.bfloat16)
+MIN_ROWS = 3  # products of fewer rows are padded to this many (see PackedLinear.forward)
 
 
 def _op():
@@ -53,6 +55,16 @@ class PackedLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_contiguous():
             x = x.contiguous()
+        rows = x.numel() // self.in_features if self.in_features else 0
+        if 0 < rows < MIN_ROWS:
+            # oneDNN sums a product of 1 row (fp32) or 1-2 rows (bf16) in another order than one of
+            # more rows (seen at K = 1536, the MLP's down projection); padded, a decode row gets the
+            # same bits alone as in a batch, which keeps disaggregated = colocated when they batch
+            # differently (bf16 parted at token 17 without it). Memory-bound at these sizes: ~free.
+            flat = x.reshape(rows, self.in_features)
+            padded = torch.cat([flat, flat.new_zeros(MIN_ROWS - rows, self.in_features)])
+            out = self._linear(padded, self.packed_weight, self.bias, "none", [], "")[:rows]
+            return out.reshape(*x.shape[:-1], self.out_features)
         return self._linear(x, self.packed_weight, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
