@@ -22,7 +22,8 @@ import torch
 
 log = logging.getLogger(__name__)
 _DTYPES = (torch.float32, torch.bfloat16)
-MIN_ROWS = 3  # products of fewer rows are padded to this many (see PackedLinear.forward)
+MIN_ROWS = 3  # products of fewer rows are padded to this many (see PackedLinear.forward) ...
+PAD_MIN_IN_FEATURES = 1024  # ... where K is this large (576 never differed; padding costs ~10 % of a step)
 
 
 def _op():
@@ -56,11 +57,11 @@ class PackedLinear(torch.nn.Module):
         if not x.is_contiguous():
             x = x.contiguous()
         rows = x.numel() // self.in_features if self.in_features else 0
-        if 0 < rows < MIN_ROWS:
+        if 0 < rows < MIN_ROWS and self.in_features >= PAD_MIN_IN_FEATURES:
             # oneDNN sums a product of 1 row (fp32) or 1-2 rows (bf16) in another order than one of
             # more rows (seen at K = 1536, the MLP's down projection); padded, a decode row gets the
             # same bits alone as in a batch, which keeps disaggregated = colocated when they batch
-            # differently (bf16 parted at token 17 without it). Memory-bound at these sizes: ~free.
+            # differently (bf16 parted at token 17 without it). A batch-1 decode step costs ~2-3 % more.
             flat = x.reshape(rows, self.in_features)
             padded = torch.cat([flat, flat.new_zeros(MIN_ROWS - rows, self.in_features)])
             out = self._linear(padded, self.packed_weight, self.bias, "none", [], "")[:rows]
