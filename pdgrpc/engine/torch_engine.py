@@ -23,7 +23,8 @@ keeps ``F.linear``. Both give float32 results; nodes compared for token-exactnes
 
 Decode keeps a left-padded batch buffer (see ``torch_kv``): one forward per step for all sequences,
 positions from each sequence's true length, padding masked out, new K/V written in place. Batched
-greedy output equals the sequences run alone and equals ``model.generate(do_sample=False)`` in float32.
+greedy output equals the sequences run alone (float32 and bfloat16: see torch_linear.MIN_ROWS) and
+equals ``model.generate(do_sample=False)`` in float32.
 """
 
 from __future__ import annotations
