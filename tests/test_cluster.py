@@ -360,7 +360,9 @@ def test_prefill_node_hands_arrivals_to_a_chunking_engine_between_chunks():
                     assert await _until(lambda: service.queued == 1)
                     short_queued.set()
                     await asyncio.gather(long_task, short_task)
-                    assert service.queued == 0 and service.running == 0
+                    # The batch runner resets its count once the engine's iterator ends, which can be
+                    # just after the last request got its token
+                    assert await _until(lambda: service.queued == 0 and service.running == 0)
                 finally:
                     await service.stop()
             return done

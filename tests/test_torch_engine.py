@@ -172,6 +172,46 @@ def test_tiny_kv_groups_one_per_group(tiny):
         torch.testing.assert_close(arr[1], cache.layers[g.layer_start].values[0], rtol=0, atol=0)
 
 
+def test_tiny_kv_written_in_place_decodes_as_load_kv(tiny, monkeypatch):
+    """kv_destination: the decode node writes a group's bytes straight into the sequence's cache
+    (copy and CRC in one pass, off the engine thread); the sequence decodes exactly as with load_kv.
+    A group of part of the prompt gets None (load_kv then), a wrong size or range is refused, and a
+    buffer still being filled never goes back to the pool when its sequence is freed."""
+    ids = tiny.tokenizer.encode("written in place, group by group")
+    groups, first = prefill_all(tiny, ids)
+    want = run_alone(tiny, ids, 10)
+    seq = tiny.begin_sequence(DecodeWork("t", list(ids), GREEDY))
+    n = len(ids)
+    assert tiny.kv_destination(seq, (0, 1), (0, n - 1), tiny.spec.kv_bytes(1, n - 1)) is None
+    with pytest.raises(InvalidArgument):
+        tiny.kv_destination(seq, (0, 1), (0, n), 123)
+    with pytest.raises(InvalidArgument):
+        tiny.kv_destination(seq, (0, 9), (0, n), tiny.spec.kv_bytes(9, n))
+    for g in groups:
+        layers, tokens = (g.layer_start, g.layer_end), (g.token_start, g.token_end)
+        dst = tiny.kv_destination(seq, layers, tokens, len(g.data))
+        assert dst.nbytes == len(g.data) and not dst.readonly
+        dst[:] = memoryview(g.data).cast("B")
+        tiny.kv_written(seq, layers, tokens, True)
+    tiny.start_decoding(seq, first.token_id)
+    got = [first.token_id]
+    while len(got) < 10:
+        got.append(tiny.decode_step([seq])[0].token_id)
+    tiny.free_sequence(seq)
+    assert got == want
+    # Freed while a fill is in flight: its buffer is dropped, not pooled for the next sequence.
+    seq = tiny.begin_sequence(DecodeWork("t", list(ids), GREEDY))
+    g = groups[0]
+    dst = tiny.kv_destination(seq, (g.layer_start, g.layer_end), (0, n), len(g.data))
+    given: list = []
+    monkeypatch.setattr(tiny.pool, "give", given.append)
+    tiny.free_sequence(seq)
+    monkeypatch.undo()
+    assert given == []
+    dst[:] = memoryview(g.data).cast("B")  # the late write lands in memory nobody else holds
+    tiny.kv_written(seq, (g.layer_start, g.layer_end), (0, n), True)
+
+
 def test_tiny_prefill_packs_kv_into_buffers_it_is_given(tiny):
     """A prefill node hands the engine its store client's reserve: groups land in those buffers."""
     ids = tiny.tokenizer.encode("into shared memory")

@@ -120,6 +120,18 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def load_kv(self, seq: Any, group: KVGroup) -> None: ...
 
+    def kv_destination(self, seq: Any, layers: tuple[int, int], tokens: tuple[int, int],
+                       nbytes: int) -> memoryview | None:
+        """A writable buffer of exactly ``nbytes`` that holds the sequence's KV for this group once the
+        caller has filled it (then ``kv_written``), or None: fetch the bytes and ``load_kv`` them. Lets a
+        decode node copy and checksum in one pass, off the engine's thread. Called on the node's
+        event loop, like ``kv_written``."""
+        return None
+
+    def kv_written(self, seq: Any, layers: tuple[int, int], tokens: tuple[int, int], ok: bool) -> None:
+        """The buffer from ``kv_destination`` was filled (``ok``) or the fill failed."""
+        raise NotImplementedError
+
     @abc.abstractmethod
     def start_decoding(self, seq: Any, first_token_id: int) -> None: ...
 

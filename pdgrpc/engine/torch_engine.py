@@ -546,6 +546,34 @@ class TorchEngine(Engine):
             src = kv_from_bytes(group, self.dtype, self.num_kv_heads, self.head_dim)
             seq.kv[group.layer_start:group.layer_end, :, :, group.token_start:group.token_end].copy_(src)
 
+    def kv_destination(self, seq: SequenceState, layers: tuple[int, int], tokens: tuple[int, int],
+                       nbytes: int) -> memoryview | None:
+        """On CPU, for a group that spans the whole prompt (the wire layout [L, 2, H, T, D] is then
+        the contiguous slice ``seq.kv[l0:l1]``): that slice's bytes. The decode node copies the store's
+        region into it and checks the CRC in the same pass, on its own threads, where ``load_kv`` would
+        verify first and then copy on the compute thread between two decode steps (a 1,000-token
+        prompt's 46 MB: a gap of several ms in every running sequence's token stream)."""
+        seq = self._check_live(seq)
+        if seq.ready:
+            raise FailedPrecondition(f"sequence {seq.work.request_id} is already decoding; KV is complete")
+        if self.device.type != "cpu" or tokens != (0, seq.prompt_len):
+            return None
+        expected = self.spec.kv_bytes(layers[1] - layers[0], tokens[1] - tokens[0])
+        check_group(KVGroup(layers[0], layers[1], tokens[0], tokens[1], b""), seq, self.num_layers, 0)  # ranges
+        if nbytes != expected:
+            raise InvalidArgument(f"KV group has {nbytes} bytes, its layout says {expected}")
+        if seq.kv is None:
+            seq.kv, seq.kv_base = self.pool.take(
+                (self.num_layers, 2, self.num_kv_heads, seq.prompt_len, self.head_dim), self.dtype, self.device)
+            seq.covered = np.zeros((self.num_layers, seq.prompt_len), dtype=bool)
+        seq.filling += 1
+        return memoryview(seq.kv[layers[0]:layers[1]].reshape(-1).view(torch.uint8).numpy())
+
+    def kv_written(self, seq: SequenceState, layers: tuple[int, int], tokens: tuple[int, int], ok: bool) -> None:
+        seq.filling -= 1
+        if ok and not seq.freed and seq.covered is not None:
+            seq.covered[layers[0]:layers[1], tokens[0]:tokens[1]] = True
+
     def start_decoding(self, seq: SequenceState, first_token_id: int) -> None:
         seq = self._check_live(seq)
         if seq.ready:
@@ -655,7 +683,8 @@ class TorchEngine(Engine):
         if not isinstance(seq, SequenceState) or seq.freed:
             return
         seq.freed = True
-        self.pool.give(seq.kv_base)
+        if not seq.filling:  # a buffer still being filled by a fetch must not go to another sequence
+            self.pool.give(seq.kv_base)
         seq.kv = seq.covered = seq.kv_base = None
         b, seq.batch = seq.batch, None
         if b is not None and b is self._batch and all(s.freed for s in b.seqs):

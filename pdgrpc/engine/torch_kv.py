@@ -125,6 +125,7 @@ class SequenceState:
     freed: bool = False
     batch: DecodeBatch | None = None
     row: int = -1
+    filling: int = 0                        # kv_destination buffers handed out, not yet written
 
 
 class DecodeBatch:

@@ -186,8 +186,26 @@ class DecodeService:
 
     async def _fetch(self, d: KVDescriptor, seq: object, events: asyncio.Queue, unreleased: set[str]) -> None:
         t0 = time.monotonic()
+        lay = d.layout
+        layers, tokens = (lay.layer_start, lay.layer_end), (lay.token_start, lay.token_end)
+        dst = self.engine.kv_destination(seq, layers, tokens, d.size_bytes) if d.location != "device" else None
         try:
-            if d.location == "device":  # CUDA IPC: the producer's GPU tensor, copied GPU to GPU on load
+            if dst is not None:
+                # Straight into the engine's cache: one pass copies and checks the CRC, on the store
+                # client's threads, instead of a verify pass and a copy on the engine's thread.
+                try:
+                    await self.store.get_into(d.key, dst, shm_name=d.shm_name, size=d.size_bytes, crc32=d.crc32,
+                                              shm_offset=d.shm_offset)
+                except asyncio.CancelledError:
+                    # The copy may still run on a store thread: no kv_written, so the engine never hands
+                    # this buffer to another sequence (it is freed once the copy lets go of it).
+                    raise
+                except BaseException:
+                    self.engine.kv_written(seq, layers, tokens, False)
+                    raise
+                self.engine.kv_written(seq, layers, tokens, True)
+                data = None
+            elif d.location == "device":  # CUDA IPC: the producer's GPU tensor, copied GPU to GPU on load
                 data = await fetch_device_group(self.store, d.key, d.size_bytes)
             else:
                 # Same host: a zero-copy view of the arena region; load_kv copies it into our cache
@@ -203,9 +221,9 @@ class DecodeService:
         except PdgrpcError:
             metrics.KV_TRANSFER_FAILURES.labels("decode", "store").inc()
             raise
-        lay = d.layout
-        await self.thread.call(self.engine.load_kv, seq,
-                               KVGroup(lay.layer_start, lay.layer_end, lay.token_start, lay.token_end, data))
+        if data is not None:
+            await self.thread.call(self.engine.load_kv, seq,
+                                   KVGroup(lay.layer_start, lay.layer_end, lay.token_start, lay.token_end, data))
         metrics.observe_kv_transfer("decode", "fetch", time.monotonic() - t0, d.size_bytes)
         metrics.KV_HELD.add("decode", self.node, seq, d.size_bytes)  # metrics: KV now in this node's cache
         # Loaded into our cache: the store's copy has served its purpose.
