@@ -338,14 +338,11 @@ def main(args) -> int:
             # vllm-mkl: pinned, with the MKL shim pdgrpc's torch engine loads (pdgrpc.engine.mkl_dispatch)
             prefill_cores, decode_cores = cl.split_cores(cores) if kind != "vllm-shared" else (cores, cores)
             name = PEER_NAME if kind == "vllm" else f"{PEER_NAME}{kind[4:]}"
-            preload = ""
-            if kind == "vllm-mkl":
-                spec = importlib.util.find_spec(mkl_dispatch.SHIM)
-                if spec is None or not spec.origin:
-                    peers[kind] = "vLLM peer vllm-mkl skipped: the MKL shim was not built (no C compiler at install?)"
-                    print(peers[kind], file=sys.stderr)
-                    continue
-                preload = spec.origin
+            preload = mkl_dispatch.shim_path() if kind == "vllm-mkl" else ""
+            if kind == "vllm-mkl" and not preload:
+                peers[kind] = "vLLM peer vllm-mkl skipped: the MKL shim was not built (no C compiler at install?)"
+                print(peers[kind], file=sys.stderr)
+                continue
             peers[kind] = VLLM_PEER_NOTE.format(name=name, prefill=prefill_cores, decode=decode_cores)
             peer_list.append(VllmNativeDisagg(prefill_cores, decode_cores, model=args.model, name=name,
                                               dtype=args.dtype or "float32", start_timeout_s=args.start_timeout_s,

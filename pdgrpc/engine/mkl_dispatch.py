@@ -45,6 +45,12 @@ def cpu_vendor() -> str:
     return ""
 
 
+def shim_path() -> str:
+    """The built shim's file, or "" where it was not built (no C compiler at install)."""
+    spec = importlib.util.find_spec(SHIM)
+    return spec.origin if spec is not None and spec.origin else ""
+
+
 def enable() -> str:
     """Load the shim if it can change anything here; returns what happened, for the start-up log."""
     if _state["enabled"]:
@@ -56,11 +62,11 @@ def enable() -> str:
         return "MKL's own (Intel CPU: already by features)"
     if "torch" in sys.modules:
         return "MKL's own (torch was loaded first, too late to change)"
-    spec = importlib.util.find_spec(SHIM)
-    if spec is None or not spec.origin:
+    path = shim_path()
+    if not path:
         return "MKL's own (the shim was not built: no C compiler at install?)"
     try:
-        ctypes.CDLL(spec.origin, mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     except OSError as exc:
         return f"MKL's own (the shim did not load: {exc})"
     _state["enabled"] = True

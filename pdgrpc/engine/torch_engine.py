@@ -54,6 +54,7 @@ from pdgrpc.engine.torch_kv import (
     SequenceState,
     TensorPool,
     check_group,
+    check_layout,
     kv_from_bytes,
     kv_group_bytes,
     kv_group_nbytes,
@@ -527,10 +528,22 @@ class TorchEngine(Engine):
             raise FailedPrecondition(f"sequence {seq.work.request_id} was freed")
         return seq
 
-    def load_kv(self, seq: SequenceState, group: KVGroup) -> None:
+    def _check_loading(self, seq: Any) -> SequenceState:
         seq = self._check_live(seq)
         if seq.ready:
             raise FailedPrecondition(f"sequence {seq.work.request_id} is already decoding; KV is complete")
+        return seq
+
+    def _own_kv(self, seq: SequenceState) -> torch.Tensor:
+        """The sequence's own cache [L, 2, H, prompt_len, D] that its KV groups are loaded into."""
+        if seq.kv is None:
+            seq.kv, seq.kv_base = self.pool.take(
+                (self.num_layers, 2, self.num_kv_heads, seq.prompt_len, self.head_dim), self.dtype, self.device)
+            seq.covered = np.zeros((self.num_layers, seq.prompt_len), dtype=bool)
+        return seq.kv
+
+    def load_kv(self, seq: SequenceState, group: KVGroup) -> None:
+        seq = self._check_loading(seq)
         expected = self.spec.kv_bytes(group.layer_end - group.layer_start, group.token_end - group.token_start)
         check_group(group, seq, self.num_layers, expected)
         self.compute.run(self._copy_group, seq, group)
@@ -539,12 +552,8 @@ class TorchEngine(Engine):
 
     def _copy_group(self, seq: SequenceState, group: KVGroup) -> None:
         with torch.inference_mode():
-            if seq.kv is None:
-                seq.kv, seq.kv_base = self.pool.take(
-                    (self.num_layers, 2, self.num_kv_heads, seq.prompt_len, self.head_dim), self.dtype, self.device)
-                seq.covered = np.zeros((self.num_layers, seq.prompt_len), dtype=bool)
             src = kv_from_bytes(group, self.dtype, self.num_kv_heads, self.head_dim)
-            seq.kv[group.layer_start:group.layer_end, :, :, group.token_start:group.token_end].copy_(src)
+            self._own_kv(seq)[group.layer_start:group.layer_end, :, :, group.token_start:group.token_end].copy_(src)
 
     def kv_destination(self, seq: SequenceState, layers: tuple[int, int], tokens: tuple[int, int],
                        nbytes: int) -> memoryview | None:
@@ -553,21 +562,14 @@ class TorchEngine(Engine):
         region into it and checks the CRC in the same pass, on its own threads, where ``load_kv`` would
         verify first and then copy on the compute thread between two decode steps (a 1,000-token
         prompt's 46 MB: a gap of several ms in every running sequence's token stream)."""
-        seq = self._check_live(seq)
-        if seq.ready:
-            raise FailedPrecondition(f"sequence {seq.work.request_id} is already decoding; KV is complete")
+        seq = self._check_loading(seq)
         if self.device.type != "cpu" or tokens != (0, seq.prompt_len):
             return None
-        expected = self.spec.kv_bytes(layers[1] - layers[0], tokens[1] - tokens[0])
-        check_group(KVGroup(layers[0], layers[1], tokens[0], tokens[1], b""), seq, self.num_layers, 0)  # ranges
-        if nbytes != expected:
-            raise InvalidArgument(f"KV group has {nbytes} bytes, its layout says {expected}")
-        if seq.kv is None:
-            seq.kv, seq.kv_base = self.pool.take(
-                (self.num_layers, 2, self.num_kv_heads, seq.prompt_len, self.head_dim), self.dtype, self.device)
-            seq.covered = np.zeros((self.num_layers, seq.prompt_len), dtype=bool)
+        check_layout(layers, tokens, nbytes, seq, self.num_layers,
+                     self.spec.kv_bytes(layers[1] - layers[0], tokens[1] - tokens[0]))
+        dst = self._own_kv(seq)[layers[0]:layers[1]]
         seq.filling += 1
-        return memoryview(seq.kv[layers[0]:layers[1]].reshape(-1).view(torch.uint8).numpy())
+        return memoryview(dst.reshape(-1).view(torch.uint8).numpy())
 
     def kv_written(self, seq: SequenceState, layers: tuple[int, int], tokens: tuple[int, int], ok: bool) -> None:
         seq.filling -= 1

@@ -256,15 +256,21 @@ def kv_view(seq: SequenceState) -> torch.Tensor:
     return seq.kv[..., :seq.length, :]
 
 
+def check_layout(layers: tuple[int, int], tokens: tuple[int, int], size: int, seq: SequenceState,
+                 num_layers: int, expected_bytes: int) -> None:
+    """A KV group's layer and token ranges fit the model and the prompt, and its size their layout."""
+    if not (0 <= layers[0] < layers[1] <= num_layers):
+        raise InvalidArgument(f"KV group layers [{layers[0]}, {layers[1]}) outside [0, {num_layers})")
+    if not (0 <= tokens[0] < tokens[1] <= seq.prompt_len):
+        raise InvalidArgument(f"KV group tokens [{tokens[0]}, {tokens[1]}) outside the prompt [0, {seq.prompt_len})")
+    if size != expected_bytes:
+        raise InvalidArgument(f"KV group has {size} bytes, its layout says {expected_bytes}")
+
+
 def check_group(group: KVGroup, seq: SequenceState, num_layers: int, expected_bytes: int) -> None:
-    if not (0 <= group.layer_start < group.layer_end <= num_layers):
-        raise InvalidArgument(f"KV group layers [{group.layer_start}, {group.layer_end}) outside [0, {num_layers})")
-    if not (0 <= group.token_start < group.token_end <= seq.prompt_len):
-        raise InvalidArgument(f"KV group tokens [{group.token_start}, {group.token_end}) outside the prompt "
-                              f"[0, {seq.prompt_len})")
     try:
         size = group_nbytes(group.data)
     except TypeError:
         raise InvalidArgument("KV group data is not a bytes-like buffer") from None
-    if size != expected_bytes:
-        raise InvalidArgument(f"KV group has {size} bytes, its layout says {expected_bytes}")
+    check_layout((group.layer_start, group.layer_end), (group.token_start, group.token_end), size, seq,
+                 num_layers, expected_bytes)

@@ -23,7 +23,8 @@ import torch
 log = logging.getLogger(__name__)
 _DTYPES = (torch.float32, torch.bfloat16)
 MIN_ROWS = 3  # products of fewer rows are padded to this many (see PackedLinear.forward) ...
-PAD_MIN_IN_FEATURES = 1024  # ... where K is this large (576 never differed; padding costs ~10 % of a step)
+PAD_MIN_IN_FEATURES = 1024  # ... where K is this large (576 never differed; padding every layer cost ~10 %
+#                             of a batch-1 decode step, these layers alone ~2-3 %)
 
 
 def _op():
@@ -46,6 +47,7 @@ class PackedLinear(torch.nn.Module):
             raise RuntimeError("this torch build has no oneDNN linear kernel")
         self.in_features = linear.in_features
         self.out_features = linear.out_features
+        self._pads_small_products = self.in_features >= PAD_MIN_IN_FEATURES
         with torch.no_grad():
             w = linear.weight.detach().contiguous()
             # Kept as plain attributes: an opaque oneDNN tensor is not a parameter anyone should
@@ -56,16 +58,17 @@ class PackedLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_contiguous():
             x = x.contiguous()
-        rows = x.numel() // self.in_features if self.in_features else 0
-        if 0 < rows < MIN_ROWS and self.in_features >= PAD_MIN_IN_FEATURES:
-            # oneDNN sums a product of 1 row (fp32) or 1-2 rows (bf16) in another order than one of
-            # more rows (seen at K = 1536, the MLP's down projection); padded, a decode row gets the
-            # same bits alone as in a batch, which keeps disaggregated = colocated when they batch
-            # differently (bf16 parted at token 17 without it). A batch-1 decode step costs ~2-3 % more.
-            flat = x.reshape(rows, self.in_features)
-            padded = torch.cat([flat, flat.new_zeros(MIN_ROWS - rows, self.in_features)])
-            out = self._linear(padded, self.packed_weight, self.bias, "none", [], "")[:rows]
-            return out.reshape(*x.shape[:-1], self.out_features)
+        if self._pads_small_products:
+            rows = x.numel() // self.in_features
+            if 0 < rows < MIN_ROWS:
+                # oneDNN sums a product of 1 row (fp32) or 1-2 rows (bf16) in another order than one
+                # of more rows (seen at K = 1536, the MLP's down projection); padded, a decode row gets
+                # the same bits alone as in a batch, which keeps disaggregated = colocated when they
+                # batch differently (bf16 parted at token 17 without it). A batch-1 step: ~2-3 % more.
+                flat = x.reshape(rows, self.in_features)
+                padded = torch.cat([flat, flat.new_zeros(MIN_ROWS - rows, self.in_features)])
+                out = self._linear(padded, self.packed_weight, self.bias, "none", [], "")[:rows]
+                return out.reshape(*x.shape[:-1], self.out_features)
         return self._linear(x, self.packed_weight, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
