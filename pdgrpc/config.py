@@ -86,6 +86,7 @@ class NodeSection:
     engine: EngineOptions = field(default_factory=EngineOptions)
     max_requests: int = 64
     max_batch: int = 32
+    stream_interval: int = 1   # decode: tokens per message at most (see DecodeLimits)
 
     @property
     def address(self) -> str:
@@ -144,6 +145,8 @@ class ClusterConfig:
                 raise ConfigError(f"node {n.name}: cpus {list(n.cpus)} outside 0-{cpus - 1}")
             if n.max_requests <= 0 or n.max_batch <= 0:
                 raise ConfigError(f"node {n.name}: max_requests and max_batch must be > 0")
+            if n.stream_interval <= 0:
+                raise ConfigError(f"node {n.name}: stream_interval must be >= 1 (tokens per message)")
             check_torch_options(n.engine, f"node {n.name}: ", ConfigError)
         parse_size(self.store.max_memory)
         return self
@@ -169,8 +172,9 @@ def _engine_options(raw: dict, defaults: EngineOptions) -> EngineOptions:
 
 
 _NODE_KEYS = {"name", "host", "port", "metrics_port", "cpus", "engine", "model", "device", "dtype", "threads",
-              "max_requests", "max_batch", "mock_prefill_cost_per_token_s", "mock_decode_cost_per_step_s",
-              "mock_layers_per_group", "prefill_chunk_tokens", "linear_kernel", "mkl_dispatch"}
+              "max_requests", "max_batch", "stream_interval", "mock_prefill_cost_per_token_s",
+              "mock_decode_cost_per_step_s", "mock_layers_per_group", "prefill_chunk_tokens", "linear_kernel",
+              "mkl_dispatch"}
 
 
 def _section(cls, raw: dict, where: str):
@@ -210,8 +214,9 @@ def from_dict(raw: dict, port_base: int | None = None) -> ClusterConfig:
                 cpus=tuple(int(c) for c in merged.get("cpus", ())),
                 engine=_engine_options({k: v for k, v in merged.items() if k not in
                                         ("name", "host", "port", "metrics_port", "cpus", "max_requests",
-                                         "max_batch")}, engine_defaults),
+                                         "max_batch", "stream_interval")}, engine_defaults),
                 max_requests=int(merged.get("max_requests", 64)), max_batch=int(merged.get("max_batch", 32)),
+                stream_interval=int(merged.get("stream_interval", 1)),
             ))
     return ClusterConfig(store, coord, tuple(nodes), raw.get("mode", "disaggregated")).validate()
 

@@ -126,6 +126,7 @@ def node_command(n: cfgmod.NodeSection, cluster: cfgmod.ClusterConfig, extra: li
     cmd = [sys.executable, "-m", "pdgrpc", n.role, "--name", n.name, "--host", n.host, "--port", str(n.port),
            "--metrics-port", str(n.metrics_port), "--store", cluster.store_address, "--engine", e.name,
            "--device", e.device, "--max-requests", str(n.max_requests), "--max-batch", str(n.max_batch),
+           "--stream-interval", str(n.stream_interval),
            "--mock-prefill-cost-per-token-s", str(e.mock_prefill_cost_per_token_s),
            "--mock-decode-cost-per-step-s", str(e.mock_decode_cost_per_step_s),
            "--mock-layers-per-group", str(e.mock_layers_per_group)]

@@ -213,6 +213,25 @@ def test_async_client_streams_deltas_then_final(local_cluster):
     assert "".join(e.text for e in events[:-1]) == mock_reference("async", 10)[1]
 
 
+def test_stream_interval_sends_tokens_in_groups_with_the_same_text(local_cluster):
+    """--stream-interval 4: decode's tokens reach the client four to a message (the first token is
+    prefill's and goes at once; the last message has what is left); nothing else changes."""
+    lc = local_cluster(decode_args=("--stream-interval", "4", "--mock-decode-cost-per-step-s", "0.002"))
+
+    async def run():
+        async with AsyncClient(lc.coordinator) as client:
+            return [e async for e in client.generate("grouped", max_tokens=11)]
+
+    events = asyncio.run(run())
+    deltas = [e for e in events if isinstance(e, GenerateDelta)]
+    assert [len(d.token_ids) for d in deltas] == [1, 4, 4, 2]
+    assert "".join(d.text for d in deltas) == mock_reference("grouped", 11)[1]
+    assert isinstance(events[-1], GenerateFinal) and events[-1].completion_tokens == 11
+    with Client(lc.coordinator) as client:  # a stop inside a group ends it there
+        stopped = client.complete("grouped", max_tokens=11, stop=[mock_reference("grouped", 11)[1][5:7]])
+    assert stopped.final.finish_reason.name == "STOP" and len(stopped.token_ids) < 11
+
+
 def test_nodes_serve_health_and_reflection(local_cluster):
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc

@@ -159,6 +159,11 @@ def test_config_fills_ports_from_the_base_and_rejects_mistakes(tmp_path):
                             "decode": [{"mkl_dispatch": "vendor"}]}, 40000)
     cmds = [node_command(n, mkl, []) for n in mkl.nodes]
     assert "--mkl-dispatch" not in cmds[0] and cmds[1][cmds[1].index("--mkl-dispatch") + 1] == "vendor"
+    streamed = cfgmod.from_dict({"prefill": [{}], "decode": [{"stream_interval": 4}]}, 40000)
+    cmds = [node_command(n, streamed, []) for n in streamed.nodes]
+    assert [c[c.index("--stream-interval") + 1] for c in cmds] == ["1", "4"]
+    with pytest.raises(cfgmod.ConfigError, match="stream_interval"):
+        cfgmod.from_dict({"defaults": {"stream_interval": 0}, "prefill": [{}], "decode": [{}]})
     assert cfgmod.parse_size("2GB") == 2 * 10**9 and cfgmod.parse_size("1GiB") == 2**30
 
 

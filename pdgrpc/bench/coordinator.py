@@ -48,6 +48,8 @@ def add_arguments(p) -> None:
     p.add_argument("--clients", type=int, default=1,
                    help="benchmark client processes sharing the arrival schedule (one Python client "
                         "saturates near ~500 req/s)")
+    p.add_argument("--stream-interval", type=int, default=1,
+                   help="decode nodes' tokens per message (1: every token in a message of its own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", default="", help="folder for a py-spy profile of the coordinator (needs py-spy)")
     p.add_argument("--out", default="bench-results/coordinator", help="output folder for coordinator.json")
@@ -206,13 +208,14 @@ def main(args) -> int:
     # RESOURCE_EXHAUSTED from a node (the coordinator's own limit is 4096, see cluster.SetupSpec).
     engine = {"engine": "mock", "mock_layers_per_group": args.mock_layers_per_group,
               "mock_prefill_cost_per_token_s": 0.0, "mock_decode_cost_per_step_s": 0.0,
-              "max_requests": 1024, "max_batch": 256}
+              "max_requests": 1024, "max_batch": 256, "stream_interval": args.stream_interval}
     spec = _setup_spec(args)
     report: dict = {"command": "pdgrpc bench coordinator " + " ".join(sys.argv[sys.argv.index("coordinator") + 1:])
                     if "coordinator" in sys.argv else "", "machine": cl.machine_info(),
                     "setup": spec.description, "output_tokens": args.output_tokens, "prompt_tokens": args.prompt_tokens,
-                    "p99_limit_ms": args.p99_limit_ms, "runs": []}
-    print(f"starting a mock cluster ({spec.description}, zero-cost engines) ...", flush=True)
+                    "p99_limit_ms": args.p99_limit_ms, "stream_interval": args.stream_interval, "runs": []}
+    print(f"starting a mock cluster ({spec.description}, zero-cost engines, {args.stream_interval} token(s) per "
+          "message at most) ...", flush=True)
     setup = cl.start_setups([spec], engine)[0]
     prof = None
     try:

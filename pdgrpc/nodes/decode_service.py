@@ -44,6 +44,11 @@ log = logging.getLogger(__name__)
 class DecodeLimits:
     max_requests: int = 64
     max_batch: int = 32
+    # Tokens per message, at most (the last message of a sequence may have fewer). 1 streams every
+    # token the moment it exists; N > 1 trades smoothness for N times fewer messages through the
+    # node, the coordinator and the client, whose per-message cost is what limits a busy cluster
+    # (vLLM's and SGLang's --stream-interval).
+    stream_interval: int = 1
 
 
 class _KVComplete:
@@ -129,22 +134,30 @@ class DecodeService:
             yield DecodeFinished(reason, 1)
             return
         entry = self.scheduler.add(seq, tracker)
+        interval = self.limits.stream_interval
+        held: TokenOut | None = None  # tokens kept back until there are ``interval`` of them
         try:
             while True:
                 item = await entry.out.get()
                 if isinstance(item, BaseException):
+                    if held is not None:
+                        yield held
                     raise item
                 tokens, reason = item
+                held = tokens if held is None else held.merged(tokens)
                 # Tokens that piled up while the last message was being sent go out together: the
                 # same latency for each, one message instead of many (the per-message cost is what
                 # limits a busy node and the coordinator).
                 while reason is None and not entry.out.empty():
                     item = entry.out.get_nowait()
                     if isinstance(item, BaseException):
-                        yield tokens
+                        yield held
                         raise item
-                    tokens, reason = tokens.merged(item[0]), item[1]
-                yield tokens
+                    held, reason = held.merged(item[0]), item[1]
+                if reason is None and len(held.token_ids) < interval:
+                    continue
+                yield held
+                held = None
                 if reason is not None:
                     yield DecodeFinished(reason, len(tracker.token_ids))
                     return

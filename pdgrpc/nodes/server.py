@@ -45,6 +45,7 @@ class NodeConfig:
     cpus: tuple[int, ...] = ()
     max_requests: int = 64
     max_batch: int = 32
+    stream_interval: int = 1
     batch_token_budget: int = 4096
     kv_lease_s: float = 60.0
     grace_s: float = 30.0
@@ -54,6 +55,8 @@ class NodeConfig:
             raise ValueError("ports must be in 1-65535")
         if self.max_requests <= 0 or self.max_batch <= 0 or self.batch_token_budget <= 0:
             raise ValueError("max_requests, max_batch and batch_token_budget must be > 0")
+        if self.stream_interval <= 0:
+            raise ValueError("stream_interval must be >= 1 (tokens per message)")
         if self.kv_lease_s <= 0 or self.grace_s < 0:
             raise ValueError("kv_lease_s must be > 0 and grace_s >= 0")
         check_torch_options(self.engine, "", ValueError)
@@ -119,7 +122,8 @@ async def serve_node(cfg: NodeConfig) -> int:
         store = KVStoreClient(cfg.store, token=cfg.store_token or None)
         prefill = PrefillService(cfg.name, engine, thread, store,
                                  PrefillLimits(cfg.max_requests, cfg.batch_token_budget, cfg.kv_lease_s))
-        decode = DecodeService(cfg.name, engine, thread, store, DecodeLimits(cfg.max_requests, cfg.max_batch))
+        decode = DecodeService(cfg.name, engine, thread, store, DecodeLimits(cfg.max_requests, cfg.max_batch,
+                                                                                  cfg.stream_interval))
         service = {Role.PREFILL: prefill, Role.DECODE: decode,
                    Role.COLOCATED: ColocatedService(prefill, decode)}[cfg.role]
         if cfg.role is Role.PREFILL:
@@ -162,6 +166,9 @@ def add_node_arguments(parser, role: Role) -> None:
     parser.add_argument("--cpus", default="", help="CPU affinity, e.g. 0,1 or 2-5")
     parser.add_argument("--max-requests", type=int, default=64, help="admitted requests (running + queued)")
     parser.add_argument("--max-batch", type=int, default=32, help="decode: sequences per step")
+    parser.add_argument("--stream-interval", type=int, default=1,
+                        help="decode: tokens per message at most (1: every token as it is generated; N: N times "
+                             "fewer messages, in bursts of N, for clusters limited by per-message cost)")
     parser.add_argument("--batch-token-budget", type=int, default=4096, help="prefill: prompt tokens per batch")
     parser.add_argument("--kv-lease-s", type=float, default=60.0, help="lease of published KV entries")
     parser.add_argument("--grace-s", type=float, default=30.0, help="drain time on SIGTERM")
@@ -202,6 +209,7 @@ def run_node(args, role: Role) -> int:
                 prefill_chunk_tokens=args.prefill_chunk_tokens, linear_kernel=args.linear_kernel,
                 mkl_dispatch=args.mkl_dispatch),
             cpus=parse_cpus(args.cpus), max_requests=args.max_requests, max_batch=args.max_batch,
+            stream_interval=args.stream_interval,
             batch_token_budget=args.batch_token_budget, kv_lease_s=args.kv_lease_s, grace_s=args.grace_s,
         ).validate()
     except ValueError as exc:

@@ -116,7 +116,8 @@ async def build_vllm_service(cfg, store: KVStoreClient):
     if cfg.role is Role.PREFILL:
         service = prefill
     elif cfg.role is Role.DECODE:
-        service = VllmDecodeService(cfg.name, engine, thread, store, DecodeLimits(cfg.max_requests, cfg.max_batch))
+        service = VllmDecodeService(cfg.name, engine, thread, store, DecodeLimits(cfg.max_requests, cfg.max_batch,
+                                                                                            cfg.stream_interval))
     else:
         service = VllmColocatedService(prefill)
     await service.warm_up()
@@ -336,6 +337,7 @@ class VllmDecodeService(_VllmService):
             submitted = True
             t0 = time.monotonic()
             first_output = True
+            held: TokenOut | None = None  # tokens kept back until there are stream_interval of them
             async for out in self.engine.llm.generate({"prompt_token_ids": ids + [done.first_token_id]}, sp,
                                                       f"{start.request_id}-d{next(_ids)}"):
                 if first_output:
@@ -345,10 +347,15 @@ class VllmDecodeService(_VllmService):
                 completion = out.outputs[0]
                 for i, token in enumerate(completion.token_ids):
                     text, reason = tracker.add(token)
-                    yield TokenOut.one(token, text, _logprob(completion, i))
+                    one = TokenOut.one(token, text, _logprob(completion, i))
+                    held = one if held is None else held.merged(one)
                     if reason is not None:
+                        yield held
                         yield DecodeFinished(reason, len(tracker.token_ids))
                         return  # closing the generator aborts the vLLM request if it is still running
+                if held is not None and len(held.token_ids) >= self.limits.stream_interval:
+                    yield held  # the tokens of one engine output travel together
+                    held = None
             raise Internal("vLLM ended the decode before it finished")
         finally:
             self._leave()
