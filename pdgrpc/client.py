@@ -46,6 +46,9 @@ def build_request(prompt: str | None = None, *, messages: Sequence[dict | ChatMe
                   top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: Sequence[str] = (),
                   stop_token_ids: Sequence[int] = (), ignore_eos: bool = False, logprobs: bool = False,
                   request_id: str = "") -> GenerateRequest:
+    if prompt is not None and not isinstance(prompt, str):  # else protobuf's "bad argument type" later
+        raise TypeError(f"prompt must be a str, not {type(prompt).__name__}; pass token ids as token_ids=[...] "
+                        "and chat turns as messages=[...]")
     chat = None
     if messages is not None:
         chat = tuple(m if isinstance(m, ChatMessage) else ChatMessage(m["role"], m["content"]) for m in messages)

@@ -91,6 +91,11 @@ def test_public_api_rejects(cluster, name, request_msg, code, needle):
     assert needle in info.value.details()
 
 
+def test_client_names_the_argument_for_a_prompt_of_token_ids():
+    with pytest.raises(TypeError, match="token_ids="):
+        build_request([5, 6, 7], max_tokens=4)
+
+
 def test_unknown_fields_in_chat_messages_are_rejected(cluster):
     with pytest.raises(grpc.RpcError) as info:
         raw_generate(cluster.coordinator, _chat_with_unknown_field())
