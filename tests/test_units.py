@@ -263,3 +263,28 @@ async def test_engine_thread_runs_calls_queued_during_an_item_before_the_next_it
             break
     assert closed == [True]
     thread.shutdown()
+
+
+def test_event_loop_is_uvloop_unless_asked_otherwise(monkeypatch):
+    import asyncio
+    import os
+    import subprocess
+    import sys
+
+    from pdgrpc import event_loop
+
+    async def loop_module() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    monkeypatch.delenv(event_loop.ENV, raising=False)
+    assert event_loop.run(loop_module()).startswith("uvloop")  # a dependency on Linux: "auto" finds it
+    assert event_loop.run(loop_module(), "asyncio").startswith("asyncio")
+    assert event_loop.loop_factory(" UVLOOP ")[0] == "uvloop"
+    with pytest.raises(ValueError, match="PDGRPC_EVENT_LOOP='trio'"):
+        event_loop.run(loop_module(), "trio")
+    # A process started with a bad choice says so and exits 2 before it listens on anything.
+    env = {**os.environ, event_loop.ENV: "trio"}
+    for role in ("kvstore", "decode"):
+        proc = subprocess.run([sys.executable, "-m", "pdgrpc", role, "--port", "1"], env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 2 and "must be one of auto, uvloop, asyncio" in proc.stderr, proc.stderr

@@ -14,7 +14,6 @@ With ``--profile DIR`` py-spy samples the coordinator during the sweep (flame gr
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import concurrent.futures
 import json
@@ -26,6 +25,7 @@ import subprocess
 import sys
 import time
 
+from pdgrpc import event_loop
 from pdgrpc.bench import cluster as cl
 from pdgrpc.bench.driver import progress_bar, run_open_loop
 from pdgrpc.bench.stats import percentiles, summarize
@@ -71,7 +71,7 @@ def _client_slice(address: str, connections: int, reqs: list[BenchRequest], arri
                   start_at: float | None, drain_timeout_s: float) -> tuple[list, float, float]:
     """One client process's share of a run: (results, duration, CPU seconds this process spent)."""
     cpu0 = time.process_time()
-    results, duration = asyncio.run(run_open_loop(address, reqs, arrivals, timeout_s=60, connections=connections,
+    results, duration = event_loop.run(run_open_loop(address, reqs, arrivals, timeout_s=60, connections=connections,
                                                   drain_timeout_s=drain_timeout_s, start_at=start_at))
     return results, duration, time.process_time() - cpu0
 
@@ -91,7 +91,7 @@ class _Clients:
             on_done=None) -> tuple[list, float, float]:
         if self.pool is None:
             cpu0 = time.process_time()
-            results, duration = asyncio.run(run_open_loop(self.address, reqs, arrivals, timeout_s=60,
+            results, duration = event_loop.run(run_open_loop(self.address, reqs, arrivals, timeout_s=60,
                                                           connections=self.connections,
                                                           drain_timeout_s=drain_timeout_s, on_done=on_done))
             return results, duration, time.process_time() - cpu0

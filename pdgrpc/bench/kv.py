@@ -19,7 +19,6 @@ Components (checksum, segment write, segment read) are timed too, to show where 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import os
@@ -32,6 +31,7 @@ import uuid
 import aiohttp
 import numpy as np
 
+from pdgrpc import event_loop
 from pdgrpc.bench import cluster as cl
 from pdgrpc.kvstore import shm
 from pdgrpc.kvstore.client import KVStoreClient
@@ -276,7 +276,7 @@ def main(args) -> int:
             address = args.store
         else:
             proc, address = _start_store()
-        result = asyncio.run(_run(args, address))
+        result = event_loop.run(_run(args, address))
     finally:
         if proc is not None:
             proc.terminate()

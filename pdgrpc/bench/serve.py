@@ -30,6 +30,7 @@ import statistics
 import sys
 import time
 
+from pdgrpc import event_loop
 from pdgrpc.bench import cluster as cl
 from pdgrpc.bench.driver import open_sender, progress_bar, run_open_loop
 from pdgrpc.bench.stats import RequestResult, by_kind, max_rate_at_attainment, result_dict, summarize
@@ -389,7 +390,7 @@ def main(args) -> int:
     # idle setups should cost nothing (vLLM's workers stop polling ~1 s after their last step)
     report["idle_busy_cores"] = _idle_busy_cores(3.0)
     try:
-        asyncio.run(_sweep(setups, wl, args, slo_ttft_ms / 1000, slo_tpot_ms / 1000, report, raw))
+        event_loop.run(_sweep(setups, wl, args, slo_ttft_ms / 1000, slo_tpot_ms / 1000, report, raw))
     except KeyboardInterrupt:
         print("interrupted: writing what was measured", file=sys.stderr)
     except Exception:

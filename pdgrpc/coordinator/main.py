@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sys
 
 from pdgrpc import config as cfgmod
-from pdgrpc import metrics, sdnotify
+from pdgrpc import event_loop, metrics, sdnotify
 from pdgrpc.coordinator.pool import NodePool
 from pdgrpc.coordinator.router import Router
 from pdgrpc.coordinator.servicer import CoordinatorServicer, register
@@ -73,4 +72,9 @@ def main(args) -> int:
     except cfgmod.ConfigError as exc:
         print(f"pdgrpc coordinator: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(serve(cluster, args.grace_s, args.store_token, args.worker))
+    try:
+        event_loop.loop_factory()  # PDGRPC_EVENT_LOOP, checked before anything starts
+    except ValueError as exc:
+        print(f"pdgrpc coordinator: {exc}", file=sys.stderr)
+        return 2
+    return event_loop.run(serve(cluster, args.grace_s, args.store_token, args.worker))

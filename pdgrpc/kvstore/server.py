@@ -51,7 +51,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics, generate_latest
 
-from pdgrpc import sdnotify
+from pdgrpc import event_loop, sdnotify
 from pdgrpc.errors import (
     DataLoss,
     FailedPrecondition,
@@ -633,4 +633,9 @@ def main(args: argparse.Namespace) -> int:
     disable_created_metrics()  # *_created series are noise for a long-running store
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(serve(config))
+    try:
+        event_loop.loop_factory()  # PDGRPC_EVENT_LOOP, checked before anything starts
+    except ValueError as exc:
+        print(f"pdgrpc kvstore: {exc}", file=sys.stderr)
+        return 2
+    return event_loop.run(serve(config))

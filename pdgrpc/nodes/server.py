@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from pdgrpc import metrics, sdnotify
+from pdgrpc import event_loop, metrics, sdnotify
 from pdgrpc.engine.registry import LINEAR_KERNELS, MKL_DISPATCHES, EngineOptions, build_engine, check_torch_options
 from pdgrpc.errors import Unavailable
 from pdgrpc.grpcutil import add_health_and_reflection, new_server, set_serving, wait_for_stop_signal
@@ -215,4 +215,9 @@ def run_node(args, role: Role) -> int:
     except ValueError as exc:
         print(f"pdgrpc {role.value}: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(serve_node(cfg))
+    try:
+        event_loop.loop_factory()  # PDGRPC_EVENT_LOOP, checked before anything starts
+    except ValueError as exc:
+        print(f"pdgrpc {role.value}: {exc}", file=sys.stderr)
+        return 2
+    return event_loop.run(serve_node(cfg))
