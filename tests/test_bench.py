@@ -241,7 +241,11 @@ def test_bench_coordinator_short_sweep(tmp_path):
     assert run["completed"] == run["requests"] >= 10
     assert {"coordinator", "prefill-0", "decode-0", "store", "client"} <= set(run["cpu_ms_per_request"])
     assert run["ttft_minus_prefill_ms"]["p50"] is not None
+    ceiling, ms = run["cpu_ceiling_rps"], run["cpu_ms_per_request"]
+    assert ceiling["coordinator"] == round(1000 / ms["coordinator"]) and ceiling["cluster"] < min(
+        v for k, v in ceiling.items() if k != "cluster") * len(os.sched_getaffinity(0))
     assert isinstance(report["max_sustained_rps"], float)
+    assert report["stream_interval"] == 1
 
 
 @pytest.mark.e2e

@@ -142,15 +142,25 @@ def _sweep_rates(setup: cl.Setup, clients: _Clients, args, report: dict) -> None
         ok = max(run["completed"], 1)
         run["cpu_ms_per_request"] = {p: round(1000 * (after[p] - before.get(p, 0.0)) / ok, 3) for p in sorted(after)}
         run["cpu_busy_fraction"] = {p: round((after[p] - before.get(p, 0.0)) / duration, 3) for p in sorted(after)}
+        # Where each process would saturate a core of its own, and the whole cluster these cores: what
+        # sizing a deployment needs (coordinator processes for R req/s = R / its ceiling), and what the
+        # achieved rate on a small machine is limited by.
+        ms = run["cpu_ms_per_request"]
+        run["cpu_ceiling_rps"] = {p: round(1000 / v) for p, v in ms.items() if v > 0}
+        run["cpu_ceiling_rps"]["cluster"] = round(1000 * len(os.sched_getaffinity(0)) / max(sum(ms.values()), 1e-9))
         run["sustained"] = _sustained(run, args.p99_limit_ms)
         run["loadavg_after"] = os.getloadavg()[0]
         report["runs"].append(run)
         cpu = ", ".join(f"{p} {v:.2f}" for p, v in run["cpu_ms_per_request"].items())
+        ceiling = ", ".join(f"{p} {v}" for p, v in run["cpu_ceiling_rps"].items() if p != "cluster")
+        ceiling += f" (one core each); the whole cluster on these {len(os.sched_getaffinity(0))} cores " \
+                   f"{run['cpu_ceiling_rps']['cluster']}"
         print(f"{rate:>6g} req/s offered | {run['throughput_rps']:7.1f} served | ok {run['completed']}/{n} | "
               f"e2e p50 {run['e2e_ms']['p50']} p99 {run['e2e_ms']['p99']} ms | TTFT p50 {run['ttft_ms']['p50']} "
               f"p99 {run['ttft_ms']['p99']} ms | TTFT-prefill p99 {run['ttft_minus_prefill_ms']['p99']} ms"
               f" | send lag p99 {run['client_send_lag_ms_p99']} ms | "
-              f"{'OK' if run['sustained'] else 'over the limit'}\n        CPU ms/request: {cpu}", flush=True)
+              f"{'OK' if run['sustained'] else 'over the limit'}\n        CPU ms/request: {cpu}\n"
+              f"        CPU ceiling, req/s: {ceiling}", flush=True)
         p99 = run["e2e_ms"]["p99"]
         if p99 is None or p99 > args.stop_after_ms:
             print(f"stopping the sweep: p99 {p99} ms is past {args.stop_after_ms:g} ms", flush=True)
