@@ -514,3 +514,19 @@ async def test_vllm_peer_proxy_removes_a_prompts_kv_files_once_served(tmp_path):
         for runner, _ in runners:
             await runner.cleanup()
     assert n == 1 and seen == [True] and not os.path.exists(folder)
+
+
+def test_grpc_calls_tool_runs_both_modes_against_its_own_server():
+    """tools/bench_grpc_calls.py: a server process, a call per request and one multiplexed stream."""
+    import pathlib
+    import subprocess
+    import sys
+
+    tool = pathlib.Path(__file__).resolve().parent.parent / "tools" / "bench_grpc_calls.py"
+    proc = subprocess.run([sys.executable, str(tool), "--rate", "200", "--requests", "40", "--rounds", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert any(line.strip().startswith("call  client") for line in lines)
+    assert any(line.strip().startswith("mux   client") for line in lines)
+    assert "mux / call: client" in proc.stdout
