@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -53,3 +54,14 @@ def run(main: Coroutine[Any, Any, T], choice: str | None = None) -> T:
     log.info("event loop: %s", name)
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(main)
+
+
+def run_process(main: Callable[[], Coroutine[Any, Any, int]], prog: str) -> int:
+    """A process's entry point: ``main()`` on the chosen loop, or exit status 2 and the reason on
+    stderr when PDGRPC_EVENT_LOOP names no usable loop (checked before anything starts)."""
+    try:
+        loop_factory()
+    except ValueError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    return run(main())

@@ -72,9 +72,5 @@ def main(args) -> int:
     except cfgmod.ConfigError as exc:
         print(f"pdgrpc coordinator: {exc}", file=sys.stderr)
         return 2
-    try:
-        event_loop.loop_factory()  # PDGRPC_EVENT_LOOP, checked before anything starts
-    except ValueError as exc:
-        print(f"pdgrpc coordinator: {exc}", file=sys.stderr)
-        return 2
-    return event_loop.run(serve(cluster, args.grace_s, args.store_token, args.worker))
+    return event_loop.run_process(lambda: serve(cluster, args.grace_s, args.store_token, args.worker),
+                                  "pdgrpc coordinator")

@@ -633,9 +633,4 @@ def main(args: argparse.Namespace) -> int:
     disable_created_metrics()  # *_created series are noise for a long-running store
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        event_loop.loop_factory()  # PDGRPC_EVENT_LOOP, checked before anything starts
-    except ValueError as exc:
-        print(f"pdgrpc kvstore: {exc}", file=sys.stderr)
-        return 2
-    return event_loop.run(serve(config))
+    return event_loop.run_process(lambda: serve(config), "pdgrpc kvstore")

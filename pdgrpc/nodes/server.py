@@ -215,9 +215,4 @@ def run_node(args, role: Role) -> int:
     except ValueError as exc:
         print(f"pdgrpc {role.value}: {exc}", file=sys.stderr)
         return 2
-    try:
-        event_loop.loop_factory()  # PDGRPC_EVENT_LOOP, checked before anything starts
-    except ValueError as exc:
-        print(f"pdgrpc {role.value}: {exc}", file=sys.stderr)
-        return 2
-    return event_loop.run(serve_node(cfg))
+    return event_loop.run_process(lambda: serve_node(cfg), f"pdgrpc {role.value}")
