@@ -230,6 +230,14 @@ def test_stream_interval_sends_tokens_in_groups_with_the_same_text(local_cluster
     with Client(lc.coordinator) as client:  # a stop inside a group ends it there
         stopped = client.complete("grouped", max_tokens=11, stop=[mock_reference("grouped", 11)[1][5:7]])
     assert stopped.final.finish_reason.name == "STOP" and len(stopped.token_ids) < 11
+    # A colocated node groups the same way; logprobs stay one per token.
+    coloc = local_cluster(colocated=1, node_args=("--stream-interval", "4", "--mock-decode-cost-per-step-s", "0.002"))
+    with Client(coloc.coordinator) as client:
+        events = list(client.generate("grouped", max_tokens=11, logprobs=True))
+    deltas = [e for e in events if isinstance(e, GenerateDelta)]
+    assert [len(d.token_ids) for d in deltas] == [1, 4, 4, 2]
+    assert all(len(d.logprobs) == len(d.token_ids) for d in deltas)
+    assert "".join(d.text for d in deltas) == mock_reference("grouped", 11)[1]
 
 
 def test_nodes_serve_health_and_reflection(local_cluster):
