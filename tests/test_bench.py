@@ -246,6 +246,7 @@ def test_bench_coordinator_short_sweep(tmp_path):
         v for k, v in ceiling.items() if k != "cluster") * len(os.sched_getaffinity(0))
     assert isinstance(report["max_sustained_rps"], float)
     assert report["stream_interval"] == 1
+    assert (out / "coordinator.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.e2e

@@ -54,6 +54,7 @@ def add_arguments(p) -> None:
     p.add_argument("--profile", default="", help="folder for a py-spy profile of the coordinator (needs py-spy)")
     p.add_argument("--out", default="bench-results/coordinator", help="output folder for coordinator.json")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-plots", action="store_true", help="skip coordinator.png")
 
 
 def _requests(n: int, args) -> list[BenchRequest]:
@@ -255,5 +256,13 @@ def main(args) -> int:
     for row in report.get("coordinator_profile", [])[:10]:
         print(f"  coordinator {'own' if 'own' in row else 'incl'} {100 * row.get('own', row.get('inclusive')):5.1f}%"
               f"  {row['function'][:110]}")
-    print(f"wrote {path}")
+    written = [path]
+    if not args.no_plots:
+        try:
+            from pdgrpc.bench.plots import plot_coordinator
+
+            written += plot_coordinator(report, args.out)
+        except ImportError:  # matplotlib is in the [bench] extra
+            print("no plot: matplotlib is not installed (pip install -e '.[bench]')", file=sys.stderr)
+    print("wrote " + ", ".join(written))
     return 0

@@ -89,3 +89,48 @@ def plot_sweep(report: dict, out_dir: str, prefix: str = "serve") -> list[str]:
     plt.close(fig)
     paths.append(path)
     return paths
+
+
+def plot_coordinator(report: dict, out_dir: str) -> list[str]:
+    """``coordinator.png`` of a `bench coordinator` sweep: served rate and latency against the offered
+    rate, and each process's CPU per request (what limits the rate); [] with no runs."""
+    runs = sorted(report["runs"], key=lambda r: r["offered_rate_rps"])
+    if not runs:
+        return []
+    plt = _pyplot()
+    rates = [r["offered_rate_rps"] for r in runs]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    axes[0].plot(rates, [r["throughput_rps"] for r in runs], "-", marker="o", label="served")
+    axes[0].plot([0, rates[-1]], [0, rates[-1]], color="gray", linewidth=0.6, linestyle=":", label="offered")
+    axes[0].set_ylabel("requests/s")
+    axes[0].set_title("served rate")
+    for i, (metric, label) in enumerate((("e2e_ms", "end-to-end"), ("ttft_ms", "TTFT"),
+                                         ("ttft_minus_prefill_ms", "TTFT - prefill"))):
+        for q, style in (("p50", "-"), ("p99", "--")):
+            xs, ys = _series(runs, metric, q)
+            if xs:
+                axes[1].plot(xs, ys, style, marker="o", color=f"C{i}", label=f"{label} {q}")
+    axes[1].axhline(report.get("p99_limit_ms", 10.0), color="gray", linewidth=0.8, linestyle=":", label="limit")
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel("ms")
+    axes[1].set_title("latency a request adds")
+    names = sorted({p for r in runs for p in r.get("cpu_ms_per_request", {})})
+    bottom = [0.0] * len(runs)
+    width = 0.6 * min((b - a for a, b in zip(rates, rates[1:])), default=rates[0] or 1.0)
+    for i, name in enumerate(names):
+        ms = [r.get("cpu_ms_per_request", {}).get(name, 0.0) for r in runs]
+        axes[2].bar(rates, ms, width, bottom=bottom, color=f"C{i}", label=name)
+        bottom = [b + m for b, m in zip(bottom, ms)]
+    axes[2].set_ylabel("CPU ms per request")
+    axes[2].set_title("CPU per request, by process")
+    for ax in axes:
+        ax.set_xlabel("offered rate (req/s, Poisson)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Coordinator overhead: {report.get('output_tokens')} output tokens a request, "
+                 f"{report.get('stream_interval', 1)} token(s) a message; {report.get('setup', '')}", fontsize=9)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "coordinator.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
