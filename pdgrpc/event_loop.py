@@ -3,9 +3,9 @@
 A request costs the cluster a few milliseconds of CPU, nearly all of it per gRPC message and call:
 grpc.aio's completion-queue thread wakes the event loop for every completion, and the loop's own
 scheduling (callbacks, task steps, epoll) is a large share of each. uvloop runs that scheduling in
-C (libuv). Measured with ``pdgrpc bench coordinator`` (mock engines, 16 tokens a request, two
-cores): CPU per request coordinator 2.57 -> 2.24 ms, decode 2.48 -> 2.29 ms, prefill 1.99 -> 1.81 ms;
-~227 -> ~249 req/s served at 300 offered.
+C (libuv). Measured with ``pdgrpc bench coordinator --rates 100 200 260`` (mock engines, 16 tokens a
+request, two cores), two runs on each loop, interleaved: CPU per request over the whole cluster 6-11 %
+lower, 214-219 instead of 190-200 req/s served at 260 offered.
 
 ``PDGRPC_EVENT_LOOP`` chooses, for every process at once (``pdgrpc up`` passes its environment on):
 ``auto`` (the default: uvloop when importable), ``uvloop`` (required: start fails without it) or
@@ -51,17 +51,21 @@ def run(main: Coroutine[Any, Any, T], choice: str | None = None) -> T:
     except ValueError:
         main.close()  # never awaited: no "coroutine was never awaited" warning on the way out
         raise
-    log.info("event loop: %s", name)
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(main)
+    return _run_on(main, name, factory)
 
 
 def run_process(main: Callable[[], Coroutine[Any, Any, int]], prog: str) -> int:
     """A process's entry point: ``main()`` on the chosen loop, or exit status 2 and the reason on
     stderr when PDGRPC_EVENT_LOOP names no usable loop (checked before anything starts)."""
     try:
-        loop_factory()
+        name, factory = loop_factory()
     except ValueError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
-    return run(main())
+    return _run_on(main(), name, factory)
+
+
+def _run_on(main: Coroutine[Any, Any, T], name: str, factory: Callable[[], asyncio.AbstractEventLoop] | None) -> T:
+    log.info("event loop: %s", name)
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)

@@ -143,18 +143,18 @@ def _sweep_rates(setup: cl.Setup, clients: _Clients, args, report: dict) -> None
         ok = max(run["completed"], 1)
         run["cpu_ms_per_request"] = {p: round(1000 * (after[p] - before.get(p, 0.0)) / ok, 3) for p in sorted(after)}
         run["cpu_busy_fraction"] = {p: round((after[p] - before.get(p, 0.0)) / duration, 3) for p in sorted(after)}
-        # Where each process would saturate a core of its own, and the whole cluster these cores: what
-        # sizing a deployment needs (coordinator processes for R req/s = R / its ceiling), and what the
-        # achieved rate on a small machine is limited by.
-        ms = run["cpu_ms_per_request"]
+        # The rate at which each process would saturate a core of its own, and the whole cluster the
+        # cores it has here: what sizing a deployment needs (coordinator processes for R req/s = R / its
+        # ceiling), and what limits the rate achieved on a small machine.
+        ms, cores = run["cpu_ms_per_request"], len(os.sched_getaffinity(0))
         run["cpu_ceiling_rps"] = {p: round(1000 / v) for p, v in ms.items() if v > 0}
-        run["cpu_ceiling_rps"]["cluster"] = round(1000 * len(os.sched_getaffinity(0)) / max(sum(ms.values()), 1e-9))
+        run["cpu_ceiling_rps"]["cluster"] = round(1000 * cores / max(sum(ms.values()), 1e-9))
         run["sustained"] = _sustained(run, args.p99_limit_ms)
         run["loadavg_after"] = os.getloadavg()[0]
         report["runs"].append(run)
         cpu = ", ".join(f"{p} {v:.2f}" for p, v in run["cpu_ms_per_request"].items())
         ceiling = ", ".join(f"{p} {v}" for p, v in run["cpu_ceiling_rps"].items() if p != "cluster")
-        ceiling += f" (one core each); the whole cluster on these {len(os.sched_getaffinity(0))} cores " \
+        ceiling += f" (one core each); the whole cluster on these {cores} cores " \
                    f"{run['cpu_ceiling_rps']['cluster']}"
         print(f"{rate:>6g} req/s offered | {run['throughput_rps']:7.1f} served | ok {run['completed']}/{n} | "
               f"e2e p50 {run['e2e_ms']['p50']} p99 {run['e2e_ms']['p99']} ms | TTFT p50 {run['ttft_ms']['p50']} "
