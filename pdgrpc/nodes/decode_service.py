@@ -66,6 +66,7 @@ class DecodeService:
         self.limits = limits
         self.scheduler = DecodeScheduler(node, engine, thread, limits.max_batch)
         self.requests = 0
+        self._releasing: set[asyncio.Task] = set()  # store releases of loaded KV, off the requests' path
 
     def start(self) -> None:
         self.scheduler.start()
@@ -239,8 +240,14 @@ class DecodeService:
                                    KVGroup(lay.layer_start, lay.layer_end, lay.token_start, lay.token_end, data))
         metrics.observe_kv_transfer("decode", "fetch", time.monotonic() - t0, d.size_bytes)
         metrics.KV_HELD.add("decode", self.node, seq, d.size_bytes)  # metrics: KV now in this node's cache
-        # Loaded into our cache: the store's copy has served its purpose.
-        with contextlib.suppress(PdgrpcError):
-            await self.store.release(d.key)
-        unreleased.discard(d.key)
         events.put_nowait(KVLoaded(d.group_index, d.size_bytes))
+        # Loaded into our cache: the store's copy has served its purpose. Released in the background:
+        # a store round trip the first decode step need not wait for.
+        unreleased.discard(d.key)
+        task = asyncio.get_running_loop().create_task(self._release(d.key))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def _release(self, key: str) -> None:
+        with contextlib.suppress(PdgrpcError):  # else the lease reclaims it
+            await self.store.release(key)

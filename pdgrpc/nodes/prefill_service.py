@@ -38,10 +38,12 @@ from pdgrpc.types import (
     PrefillEvent,
     PrefillRequest,
     PrefillStarted,
+    Prompt,
 )
 
 log = logging.getLogger(__name__)
 MAX_LEASE_S = 600.0
+INLINE_TOKENIZE_CHARS = 512  # a text this short is encoded on the loop (~0.1 ms) when the tokenizer thread is idle
 JOIN_WAIT_S = 2.0  # how long the engine thread waits for the loop to hand it newly queued prompts
 
 
@@ -94,6 +96,7 @@ class PrefillService:
         self._task: asyncio.Task | None = None
         self._device_exports: DeviceExports | None = None  # only a GPU engine publishes by CUDA IPC
         self._tokenizer_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{node}-tokenize")
+        self._tokenizing = 0  # calls queued or running in that thread
 
     @property
     def queued(self) -> int:
@@ -123,11 +126,7 @@ class PrefillService:
         if self.running + len(self._queue) >= self.limits.max_requests:
             raise ResourceExhausted(f"prefill node {self.node} is full ({self.limits.max_requests} requests)",
                                     retry_after_s=0.5)
-        # Not in the engine thread: a prefill batch holds that thread until it ends, and a prompt
-        # must be queued (so tokenized) to join a running batch between two chunks. One thread of
-        # its own, so the tokenizer is never used by two tokenize calls at once.
-        ids = await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, self.engine.tokenize,
-                                                               req.prompt)
+        ids = await self._tokenize(req.prompt)
         validate_prompt_ids(ids, spec, req.sampling.max_tokens)
         yield PrefillStarted(tuple(ids), spec)
 
@@ -180,6 +179,23 @@ class PrefillService:
             if not finished and keys:
                 # Nobody will fetch these: free them now rather than at lease expiry.
                 asyncio.get_running_loop().create_task(self._release(keys))
+
+    async def _tokenize(self, prompt: Prompt) -> list[int]:
+        """Token ids as they are; a short text on the loop while the tokenizer thread is idle (a
+        thread hop costs more than encoding a few hundred characters); the rest in that thread.
+        Not in the engine thread: a prefill batch holds it until it ends, and a prompt must be queued
+        (so tokenized) to join a running batch between two chunks. Never two tokenize calls at once:
+        the loop tokenizes only while the thread has nothing to do."""
+        if prompt.token_ids is not None:
+            return list(prompt.token_ids)
+        if self._tokenizing == 0 and prompt.text is not None and len(prompt.text) <= INLINE_TOKENIZE_CHARS:
+            return self.engine.tokenize(prompt)
+        self._tokenizing += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, self.engine.tokenize,
+                                                                    prompt)
+        finally:
+            self._tokenizing -= 1
 
     async def _publish(self, request_id: str, key: str, index: int, group: KVGroup, lease_s: float) -> KVDescriptor:
         spec = self.engine.spec
