@@ -69,6 +69,43 @@ def test_mock_seeded_sampling_is_reproducible():
     assert other[0] != generate_colocated(engine, ids, s)[0]
 
 
+def _mock_decode(engine, ids, groups, first_token, steps):
+    from pdgrpc.engine.base import DecodeWork
+
+    seq = engine.begin_sequence(DecodeWork("r", ids, t.SamplingParams(max_tokens=steps + 1)))
+    for g in groups:
+        engine.load_kv(seq, g)
+    engine.start_decoding(seq, first_token)
+    return [first_token] + [engine.decode_step([seq])[0].token_id for _ in range(steps)]
+
+
+def test_mock_decode_from_handed_off_kv_matches_colocated_and_wrong_kv_does_not():
+    """The mock's digest reads a sample of the KV (every 16th value): it must still tell the right KV
+    from another prompt's, from groups loaded at the wrong layers, and from a group's bytes at the
+    wrong tokens."""
+    from pdgrpc.engine.base import KVGroup, PrefillWork, SampledToken
+
+    engine = MockEngine(MockEngineConfig(layers_per_group=10))
+    ids, other = engine.tokenizer.encode("hand off"), engine.tokenizer.encode("hand of!")
+
+    def prefill(prompt):
+        items = [item for _, item in engine.prefill([PrefillWork("r", prompt, t.SamplingParams())])]
+        return [i for i in items if isinstance(i, KVGroup)], next(i for i in items if isinstance(i, SampledToken))
+
+    groups, first = prefill(ids)
+    expected = list(generate_colocated(engine, ids, t.SamplingParams(max_tokens=12))[0])
+    assert _mock_decode(engine, ids, groups, first.token_id, 11) == expected
+    wrong_prompt = prefill(other)[0]
+    assert _mock_decode(engine, ids, wrong_prompt, first.token_id, 11) != expected
+    shifted = [KVGroup(g.layer_start, g.layer_end, g.token_start, g.token_end, groups[(k + 1) % len(groups)].data)
+               for k, g in enumerate(groups)]
+    assert _mock_decode(engine, ids, shifted, first.token_id, 11) != expected
+    rolled = bytearray(groups[1].data)
+    rolled = rolled[64 * 4:] + rolled[:64 * 4]  # every head vector moved by one token
+    bad = [groups[0], KVGroup(10, 20, 0, len(ids), bytes(rolled)), groups[2]]
+    assert _mock_decode(engine, ids, bad, first.token_id, 11) != expected
+
+
 def test_mock_kv_size_matches_the_configured_shape():
     engine = MockEngine(MockEngineConfig(num_layers=4, num_kv_heads=2, head_dim=8, dtype="bfloat16"))
     data = engine.kv_bytes([5, 6, 7], 0, 4)
