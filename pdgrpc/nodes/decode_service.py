@@ -73,6 +73,8 @@ class DecodeService:
 
     async def stop(self) -> None:
         await self.scheduler.stop()
+        if self._releasing:  # let the last releases reach the store rather than wait for their leases
+            await asyncio.wait(set(self._releasing), timeout=2.0)
 
     def _on_cuda(self) -> bool:
         return str(getattr(self.engine, "device", "cpu")).startswith("cuda")
