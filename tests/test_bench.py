@@ -245,6 +245,9 @@ def test_bench_coordinator_short_sweep(tmp_path):
     assert ceiling["coordinator"] == round(1000 / ms["coordinator"]) and ceiling["cluster"] < min(
         v for k, v in ceiling.items() if k != "cluster") * len(os.sched_getaffinity(0))
     assert isinstance(report["max_sustained_rps"], float)
+    share_ok = run["ttft_minus_prefill_ms"]["p99"] <= 10.0 and run["throughput_rps"] >= 9.0
+    assert run["coordinator_share_sustained"] is share_ok
+    assert report["max_rps_coordinator_share_within_limit"] == (10.0 if share_ok else 0.0)
     assert report["stream_interval"] == 1
     assert (out / "coordinator.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
