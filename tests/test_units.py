@@ -325,3 +325,44 @@ def test_event_loop_is_uvloop_unless_asked_otherwise(monkeypatch):
         proc = subprocess.run([sys.executable, "-m", "pdgrpc", role, "--port", "1"], env=env, capture_output=True,
                               text=True, timeout=60)
         assert proc.returncode == 2 and "must be one of auto, uvloop, asyncio" in proc.stderr, proc.stderr
+
+
+async def test_prefill_tokenizes_short_texts_on_the_loop_and_never_two_at_once():
+    """A short text is encoded on the event loop while the tokenizer thread is idle; anything else
+    goes to that thread; the tokenizer is never in two calls at once (it is not thread-safe)."""
+    import asyncio
+    import threading
+    import time
+
+    from pdgrpc.nodes.prefill_service import INLINE_TOKENIZE_CHARS, PrefillLimits, PrefillService
+
+    engine = MockEngine()
+    reference = engine.tokenize
+    inside, overlaps, threads = [], [], []
+
+    def tokenize(prompt):
+        if inside:
+            overlaps.append(prompt)
+        inside.append(prompt)
+        threads.append(threading.get_ident())
+        try:
+            time.sleep(0.002)
+            return reference(prompt)
+        finally:
+            inside.pop()
+
+    engine.tokenize = tokenize
+    service = PrefillService("p", engine, None, None, PrefillLimits())
+    try:
+        short = t.Prompt(text="hi")
+        assert await service._tokenize(short) == reference(short)
+        assert threads == [threading.get_ident()]  # alone: on the loop
+        prompts = [t.Prompt(text="x" * (INLINE_TOKENIZE_CHARS + 1 if i % 3 == 0 else 5)) for i in range(12)]
+        prompts.append(t.Prompt(token_ids=(7, 8, 9)))
+        got = await asyncio.gather(*(service._tokenize(p) for p in prompts))
+        assert got == [reference(p) for p in prompts]
+        assert not overlaps
+        assert len(threads) == 13  # token ids are taken as they are
+        assert threading.get_ident() not in threads[1:]  # the thread was busy: everything went there
+    finally:
+        await service.stop()
