@@ -366,3 +366,55 @@ async def test_prefill_tokenizes_short_texts_on_the_loop_and_never_two_at_once()
         assert threading.get_ident() not in threads[1:]  # the thread was busy: everything went there
     finally:
         await service.stop()
+
+
+async def test_decode_scheduler_starts_a_sequence_in_its_first_steps_call_and_fails_only_it():
+    """A new sequence is started in the same engine-thread call as its first step (a call of its
+    own made it wait behind the running step and miss the next one); a sequence that cannot start
+    gets its own error, and the others in the batch their tokens."""
+    from pdgrpc.engine.base import DecodeWork, KVGroup, PrefillWork, SampledToken
+    from pdgrpc.engine.output import OutputTracker
+    from pdgrpc.errors import FailedPrecondition
+    from pdgrpc.nodes.decode_scheduler import DecodeScheduler
+    from pdgrpc.nodes.engine_thread import EngineThread
+
+    engine = MockEngine(MockEngineConfig(layers_per_group=10))
+    thread = EngineThread("t")
+    calls = []
+    real_call = thread.call
+
+    async def counting_call(fn, *args):
+        calls.append(getattr(fn, "__name__", repr(fn)))
+        return await real_call(fn, *args)
+
+    thread.call = counting_call
+    scheduler = DecodeScheduler("d", engine, thread, max_batch=8)
+    scheduler.start()
+    try:
+        def prepared(text, groups_loaded):
+            ids = engine.tokenizer.encode(text)
+            items = [item for _, item in engine.prefill([PrefillWork("r", ids, t.SamplingParams())])]
+            first = next(i for i in items if isinstance(i, SampledToken)).token_id
+            seq = engine.begin_sequence(DecodeWork("r", ids, t.SamplingParams(max_tokens=4)))
+            for g in [i for i in items if isinstance(i, KVGroup)][:groups_loaded]:
+                engine.load_kv(seq, g)
+            tracker = OutputTracker(engine.tokenizer, ids, t.SamplingParams(max_tokens=4), engine.spec.eos_token_ids)
+            tracker.add(first)
+            return ids, seq, tracker, first
+
+        ids, seq, tracker, first = prepared("good one", 3)
+        _, bad_seq, bad_tracker, bad_first = prepared("partial", 1)
+        good = scheduler.add(seq, tracker, first)
+        bad = scheduler.add(bad_seq, bad_tracker, bad_first)
+        tokens = []
+        while True:
+            item = await good.out.get()
+            tokens += item[0].token_ids
+            if item[1] is not None:
+                break
+        assert [first] + tokens == generate_colocated(engine, ids, t.SamplingParams(max_tokens=4))[0]
+        assert isinstance(await bad.out.get(), FailedPrecondition)
+        assert calls == ["_start_and_step"] * 3  # 3 steps for 3 tokens; no call of its own to start
+    finally:
+        await scheduler.stop()
+        thread.shutdown()

@@ -129,14 +129,14 @@ class DecodeService:
 
     async def run_sequence(self, seq: object, prompt_ids: list[int], sampling, first_token_id: int
                            ) -> AsyncIterator[TokenOut | DecodeFinished]:
-        """Decode a sequence whose KV is fully loaded: tokens after the first, then DecodeFinished."""
-        await self.thread.call(self.engine.start_decoding, seq, first_token_id)
+        """Decode a sequence whose KV is fully loaded: tokens after the first, then DecodeFinished.
+        The scheduler starts it (``start_decoding``) in the engine-thread call of its first step."""
         tracker = OutputTracker(self.engine.tokenizer, prompt_ids, sampling, self.engine.spec.eos_token_ids)
         _, reason = tracker.add(first_token_id)  # prefill already sent its text
         if reason is not None:
             yield DecodeFinished(reason, 1)
             return
-        entry = self.scheduler.add(seq, tracker)
+        entry = self.scheduler.add(seq, tracker, first_token_id)
         interval = self.limits.stream_interval
         held: TokenOut | None = None  # tokens kept back until there are ``interval`` of them
         try:
