@@ -104,16 +104,6 @@ async def _chunks(view: memoryview):
         yield view[start:start + _SEND_CHUNK]
 
 
-_BACKGROUND: set[asyncio.Task] = set()
-
-
-def _background(coro) -> None:
-    """Run ``coro`` on its own, keeping a reference until it ends (asyncio keeps only weak ones)."""
-    task = asyncio.ensure_future(coro)
-    _BACKGROUND.add(task)
-    task.add_done_callback(_BACKGROUND.discard)
-
-
 async def _maybe_thread(fn, *args, size: int):
     # run_in_executor rather than to_thread: one event-loop iteration less on the way back (no
     # wrapping coroutine); nothing here needs the caller's context variables.
@@ -166,6 +156,7 @@ class KVStoreClient:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None  # KV bytes over HTTP
         self._channel: JsonChannel | None = None  # everything else
+        self._releasing: set[asyncio.Task] = set()  # release_soon's (asyncio keeps only weak references)
 
     async def __aenter__(self) -> KVStoreClient:
         return self
@@ -299,12 +290,7 @@ class KVStoreClient:
         counted as used (a resync frees it once the store does not hold it) and release the key in
         the background in case the store recorded it."""
         arena.regions.commit(offset)
-
-        async def release() -> None:
-            with contextlib.suppress(PdgrpcError):
-                await self.release(key)
-
-        _background(release())
+        self.release_soon(key)
 
     async def _writer_arena(self) -> _WriterArena | None:
         if self._arena is not None or self.shm_arena_bytes <= 0 or time.monotonic() < self._arena_retry_at:
@@ -455,6 +441,18 @@ class KVStoreClient:
         except NotFound:
             return False
 
+    def release_soon(self, key: str) -> None:
+        """Release ``key`` in the background, off the caller's path (a store round trip); a failure
+        is logged and left to the key's lease. ``close()`` waits for these (2 s at most)."""
+        async def release() -> None:
+            try:
+                await self.release(key)
+            except PdgrpcError as exc:
+                log.warning("could not release %s: %s (its lease reclaims it)", key, exc)
+
+        self._releasing.add(task := asyncio.ensure_future(release()))
+        task.add_done_callback(self._releasing.discard)
+
     async def release_owner(self, owner: str) -> int:
         body = await self._call("DELETE", f"/v1/owner/{quote(owner, safe='')}")
         return int(body["released"])
@@ -496,6 +494,8 @@ class KVStoreClient:
         return isinstance(body, dict) and body.get("status") == "ok"
 
     async def close(self) -> None:
+        if self._releasing:  # let the last releases reach the store rather than wait for their leases
+            await asyncio.wait(set(self._releasing), timeout=2.0)
         # The arena is left to the store: entries in it may still wait for their readers; the
         # store deletes it once it is empty and idle.
         if self._arena_task is not None:

@@ -83,7 +83,7 @@ class DecodeScheduler:
                 failed, tokens = await self.thread.call(self._start_and_step, batch)
             except Exception as exc:
                 log.exception("decode step failed")
-                err = exc if isinstance(exc, PdgrpcError) else Internal(f"decode engine failed: {exc}")
+                err = _as_status(exc, "decode engine failed")
                 for e in batch:
                     self.remove(e)
                     e.out.put_nowait(err)
@@ -117,7 +117,11 @@ class DecodeScheduler:
                 try:
                     self.engine.start_decoding(e.seq, first)
                 except Exception as exc:  # noqa: BLE001 -- that sequence's error, reported to it alone
-                    failed[e] = exc if isinstance(exc, PdgrpcError) else Internal(
-                        f"decode engine failed to start a sequence: {type(exc).__name__}: {exc}")
+                    failed[e] = _as_status(exc, "decode engine failed to start a sequence")
         ready = [e.seq for e in batch if e not in failed]
         return failed, (self.engine.decode_step(ready) if ready else [])
+
+
+def _as_status(exc: Exception, what: str) -> PdgrpcError:
+    """A domain error as it is (its own status); anything else is the engine's fault: INTERNAL."""
+    return exc if isinstance(exc, PdgrpcError) else Internal(f"{what}: {type(exc).__name__}: {exc}")

@@ -66,15 +66,12 @@ class DecodeService:
         self.limits = limits
         self.scheduler = DecodeScheduler(node, engine, thread, limits.max_batch)
         self.requests = 0
-        self._releasing: set[asyncio.Task] = set()  # store releases of loaded KV, off the requests' path
 
     def start(self) -> None:
         self.scheduler.start()
 
     async def stop(self) -> None:
         await self.scheduler.stop()
-        if self._releasing:  # let the last releases reach the store rather than wait for their leases
-            await asyncio.wait(set(self._releasing), timeout=2.0)
 
     def _on_cuda(self) -> bool:
         return str(getattr(self.engine, "device", "cpu")).startswith("cuda")
@@ -246,10 +243,4 @@ class DecodeService:
         # Loaded into our cache: the store's copy has served its purpose. Released in the background:
         # a store round trip the first decode step need not wait for.
         unreleased.discard(d.key)
-        task = asyncio.get_running_loop().create_task(self._release(d.key))
-        self._releasing.add(task)
-        task.add_done_callback(self._releasing.discard)
-
-    async def _release(self, key: str) -> None:
-        with contextlib.suppress(PdgrpcError):  # else the lease reclaims it
-            await self.store.release(key)
+        self.store.release_soon(d.key)

@@ -178,7 +178,8 @@ class PrefillService:
                 self._gauges()
             if not finished and keys:
                 # Nobody will fetch these: free them now rather than at lease expiry.
-                asyncio.get_running_loop().create_task(self._release(keys))
+                for key in keys:
+                    self.store.release_soon(key)
 
     async def _tokenize(self, prompt: Prompt) -> list[int]:
         """Token ids as they are; a short text on the loop while the tokenizer thread is idle (a
@@ -253,13 +254,6 @@ class PrefillService:
                     raise ResourceExhausted(f"KV store full: {exc.message}", retry_after_s=1.0) from None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.25)
-
-    async def _release(self, keys: list[str]) -> None:
-        for key in keys:
-            try:
-                await self.store.release(key)
-            except PdgrpcError as exc:  # the lease reclaims it later
-                log.warning("could not release %s: %s", key, exc)
 
     async def _schedule(self) -> None:
         """Form batches of queued prompts up to the token budget and run them, one batch at a time."""
