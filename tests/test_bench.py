@@ -1,4 +1,4 @@
-"""`pdgrpc bench`: workloads, statistics, and short real runs of `kv`, `serve` and `coordinator`.
+"""`pdgrpc bench`: workloads, statistics, SLO scale, and short real runs of `kv`, `serve` and `coordinator`.
 
 Behaviour only: the runs use tiny sizes and low rates and check what is written, never how fast."""
 
@@ -11,8 +11,8 @@ import os
 import numpy as np
 import pytest
 
-from pdgrpc.bench import add_arguments, main
-from pdgrpc.bench.stats import RequestResult, max_rate_at_attainment, percentiles, summarize
+from pdgrpc.bench import add_arguments, main, slo_scale
+from pdgrpc.bench.stats import RequestResult, max_rate_at_attainment, percentiles, result_dict, summarize
 from pdgrpc.bench.workloads import (
     WORKLOADS,
     WorkloadSpec,
@@ -150,6 +150,57 @@ def test_percentiles_and_distserve_goodput():
     assert max_rate_at_attainment([{"offered_rate_rps": 1, "slo_attainment": 0.5}], 0.9) == 0.0
 
 
+def _slo_run(tpots_by_setup: dict[str, list[float]], rate: float = 2.0) -> tuple[dict, dict]:
+    """A saved `bench serve` run (report, per-request results) where request i of each setup has TTFT
+    1 s and TPOT ``tpots_by_setup[setup][i]``, 11 tokens each, over a 10 s run."""
+    modes = {"disagg": "disaggregated", "colocated": "colocated", "colocated@chunk256": "colocated"}
+    report = {"slo": {"ttft_ms": 4000.0, "tpot_ms": 150.0}, "attainment_goal": 0.9,
+              "setups": {n: {"mode": modes[n], "runs": [{"offered_rate_rps": rate, "duration_s": 10.0}]}
+                         for n in tpots_by_setup}}
+    raw = {n: {str(rate): [result_dict(_result(i, 1.0, 1.0 + 10 * t, 11)) for i, t in enumerate(tpots)]}
+           for n, tpots in tpots_by_setup.items()}
+    return report, raw
+
+
+@pytest.mark.fast
+def test_slo_scale_counts_good_requests_at_each_scale_against_the_better_colocated_setup():
+    report, raw = _slo_run({
+        "disagg": [0.04] * 10,  # steady decode: within 75 ms
+        "colocated": [0.04] * 5 + [0.12] * 5,  # half stalled by prefills: within 150 ms, not 75
+        "colocated@chunk256": [0.04] * 7 + [0.09] * 3,  # chunked: milder stalls
+    })
+    scan = slo_scale.scan(report, raw, [1.0, 0.5])
+    half, one = scan["scales"]  # sorted by scale
+    assert (half["scale"], half["slo_ttft_ms"], half["slo_tpot_ms"]) == (0.5, 2000.0, 75.0)
+    assert {n: r[0]["good"] for n, r in half["runs"].items()} == {"disagg": 10, "colocated": 5, "colocated@chunk256": 7}
+    (row,) = half["comparison"]
+    assert row["baseline"] == "colocated@chunk256" and row["goodput_ratio"] == pytest.approx(10 / 7, abs=1e-3)
+    assert half["max_rate_at_attainment_rps"] == {"disagg": 2.0, "colocated": 0.0, "colocated@chunk256": 0.0}
+    (row,) = one["comparison"]
+    assert row["goodput_ratio"] == 1.0 and row["attainment"] == row["baseline_attainment"] == 1.0
+    # scaling the TTFT SLO alone leaves TPOT at 150 ms: everything is good until TTFT drops below 1 s
+    ttft_only = slo_scale.scan(report, raw, [0.5, 0.2], "ttft")["scales"]
+    assert [s["runs"]["colocated"][0]["good"] for s in ttft_only] == [0, 10]
+    with pytest.raises(ValueError):
+        slo_scale.scan(report, raw, [0.0])
+
+
+@pytest.mark.fast
+def test_bench_slo_scale_reads_a_saved_run_and_writes_json_and_png(tmp_path, capsys):
+    report, raw = _slo_run({"disagg": [0.04] * 4, "colocated": [0.2] * 4})
+    (tmp_path / "serve.json").write_text(json.dumps(report))
+    (tmp_path / "serve_requests.json").write_text(json.dumps(raw))
+    assert main(_args("slo-scale", str(tmp_path), "--scales", "0.5", "2")) == 0
+    out = json.loads((tmp_path / "slo_scale.json").read_text())
+    assert [s["scale"] for s in out["scales"]] == [0.5, 2.0]
+    assert out["scales"][1]["comparison"][0]["goodput_ratio"] == 1.0  # TPOT SLO 300 ms: both good
+    assert out["scales"][0]["comparison"][0]["goodput_ratio"] is None  # colocated has no good request
+    assert (tmp_path / "slo_scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "inf" in printed and "DistServe goodput" in printed
+    assert main(_args("slo-scale", str(tmp_path / "missing"))) == 2
+
+
 # ---- short real runs -----------------------------------------------------------------------------
 
 @pytest.mark.e2e
@@ -192,7 +243,8 @@ def test_bench_serve_mock_writes_json_and_png(tmp_path, capsys):
     assert "--engine vllm" in report["peers"]["vllm"] and report["peer_comparison"] == []  # skipped: mock engine
     raw = json.loads((out / "serve_requests.json").read_text())
     assert len(raw["disagg"]["4.0"]) == report["setups"]["disagg"]["runs"][1]["requests"]
-    for png in ("serve_latency.png", "serve_goodput.png"):
+    assert [s["scale"] for s in report["slo_scale"]["scales"]] == [0.5, 0.67, 1.0, 1.5]
+    for png in ("serve_latency.png", "serve_goodput.png", "slo_scale.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "disaggregated vs the better colocated" in capsys.readouterr().out
 

@@ -5,6 +5,7 @@
   kv           KV hand-off time and bandwidth per store path beside memcpy (pdgrpc.bench.kv)
   coordinator  the highest request rate the coordinator sustains with zero-cost mock engines
                (pdgrpc.bench.coordinator)
+  slo-scale    goodput as the SLOs tighten, recomputed from a saved `serve` run (pdgrpc.bench.slo_scale)
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ BENCHMARKS = {
     "serve": ("pdgrpc.bench.serve", "latency and goodput vs request rate, disaggregated vs colocated"),
     "kv": ("pdgrpc.bench.kv", "KV hand-off bandwidth per store path vs memcpy"),
     "coordinator": ("pdgrpc.bench.coordinator", "coordinator overhead with zero-cost mock engines"),
+    "slo-scale": ("pdgrpc.bench.slo_scale", "goodput as the SLOs tighten, from a saved serve run"),
 }
 
 
 def add_arguments(parser) -> None:
-    sub = parser.add_subparsers(dest="bench", required=True, metavar="{serve,kv,coordinator}")
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="{serve,kv,coordinator,slo-scale}")
     for name, (module, help_text) in BENCHMARKS.items():
         p = sub.add_parser(name, help=help_text, description=importlib.import_module(module).__doc__,
                            formatter_class=_formatter())

@@ -1,4 +1,5 @@
-"""PNG plots of a `bench serve` sweep: latency vs request rate, goodput vs request rate."""
+"""PNG plots of the benchmarks: latency and goodput vs request rate (`bench serve`), attainment vs SLO
+scale (`bench slo-scale`), served rate and CPU per request (`bench coordinator`)."""
 
 from __future__ import annotations
 
@@ -131,6 +132,40 @@ def plot_coordinator(report: dict, out_dir: str) -> list[str]:
                  f"{report.get('stream_interval', 1)} token(s) a message; {report.get('setup', '')}", fontsize=9)
     fig.tight_layout()
     path = os.path.join(out_dir, "coordinator.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
+
+
+def plot_slo_scale(result: dict, out_dir: str, title: str = "") -> list[str]:
+    """``slo_scale.png`` of `bench slo-scale`: attainment against the SLO scale, one panel per rate;
+    [] with nothing to draw."""
+    scales = result["scales"]
+    rates = sorted({r["offered_rate_rps"] for s in scales for runs in s["runs"].values() for r in runs})
+    if not rates:
+        return []
+    plt = _pyplot()
+    names = sorted({n for s in scales for n in s["runs"]})
+    fig, axes = plt.subplots(1, len(rates), figsize=(3.6 * len(rates) + 1, 3.8), sharey=True, squeeze=False)
+    for ax, rate in zip(axes[0], rates):
+        for i, name in enumerate(names):
+            xs, ys = [], []
+            for s in scales:
+                hit = next((r for r in s["runs"].get(name, []) if r["offered_rate_rps"] == rate), None)
+                if hit:
+                    xs.append(s["scale"])
+                    ys.append(100 * hit["slo_attainment"])
+            ax.plot(xs, ys, "-", marker="o", color=f"C{i}", label=name)
+        ax.axhline(100 * result["attainment_goal"], color="gray", linewidth=0.8, linestyle=":")
+        ax.set_title(f"{rate:g} req/s")
+        ax.set_xlabel(f"SLO scale ({result['scaled']})")
+        ax.set_ylim(0, 105)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("% of requests within both SLOs")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"SLO attainment as the SLOs tighten{': ' + title if title else ''}", fontsize=9)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "slo_scale.png")
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return [path]

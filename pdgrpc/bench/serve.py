@@ -32,6 +32,7 @@ import time
 
 from pdgrpc import event_loop
 from pdgrpc.bench import cluster as cl
+from pdgrpc.bench import slo_scale
 from pdgrpc.bench.driver import open_sender, progress_bar, run_open_loop
 from pdgrpc.bench.stats import RequestResult, by_kind, max_rate_at_attainment, result_dict, summarize
 from pdgrpc.bench.vllm_peer import PEER_NAME, VllmNativeDisagg
@@ -81,6 +82,9 @@ def add_arguments(p) -> None:
     p.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT SLO (default: the workload's)")
     p.add_argument("--slo-tpot-ms", type=float, default=None, help="TPOT SLO (default: the workload's)")
     p.add_argument("--attainment-goal", type=float, default=0.9, help="DistServe attainment goal")
+    p.add_argument("--slo-scales", type=float, nargs="*", default=list(slo_scale.DEFAULT_SCALES),
+                   help="also report goodput with both SLOs multiplied by each of these (pdgrpc.bench.slo_scale; "
+                        "none: skip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt-scale", type=float, default=1.0, help="multiply the workload's prompt lengths")
     p.add_argument("--output-scale", type=float, default=1.0, help="multiply the workload's output lengths")
@@ -408,6 +412,8 @@ def main(args) -> int:
         s["max_rate_at_attainment_rps"] = max_rate_at_attainment(s["runs"], args.attainment_goal)
     report["comparison"] = compare(report, raw)
     report["peer_comparison"] = compare_peer(report, raw)
+    if args.slo_scales:
+        report["slo_scale"] = slo_scale.scan(report, raw, args.slo_scales)
     report["finished_unix"] = time.time()
     path = os.path.join(args.out, "serve.json")
     with open(path, "w") as f:
@@ -416,10 +422,14 @@ def main(args) -> int:
         json.dump(raw, f)
     written = [path]
     if not args.no_plots:
-        from pdgrpc.bench.plots import plot_sweep
+        from pdgrpc.bench.plots import plot_slo_scale, plot_sweep
 
         written += plot_sweep(report, args.out)
+        if "slo_scale" in report:
+            written += plot_slo_scale(report["slo_scale"], args.out, f"{report['workload']} workload")
     print_comparison(report)
+    if "slo_scale" in report:
+        slo_scale.print_scan(report["slo_scale"])
     print("wrote " + ", ".join(written))
     return 0
 
