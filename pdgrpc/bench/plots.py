@@ -25,13 +25,18 @@ def _series(runs: list[dict], metric: str, q: str) -> tuple[list[float], list[fl
     return xs, ys
 
 
+def run_title(report: dict) -> str:
+    """What a `bench serve` run measured, for plot titles."""
+    return f"{report.get('workload', '')} workload, engine {report.get('engine', '')}"
+
+
 def plot_sweep(report: dict, out_dir: str, prefix: str = "serve") -> list[str]:
     """Write ``<prefix>_latency.png`` and ``<prefix>_goodput.png``; return their paths."""
     setups = report["setups"]
     if not any(r["offered_rate_rps"] > 0 for s in setups.values() for r in s["runs"]):
         return []  # only one-at-a-time runs: nothing to draw against the rate
     plt = _pyplot()
-    title = f"{report['workload']} workload, engine {report['engine']}"
+    title = run_title(report)
     paths = []
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True)

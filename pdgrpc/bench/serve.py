@@ -422,11 +422,11 @@ def main(args) -> int:
         json.dump(raw, f)
     written = [path]
     if not args.no_plots:
-        from pdgrpc.bench.plots import plot_slo_scale, plot_sweep
+        from pdgrpc.bench.plots import plot_slo_scale, plot_sweep, run_title
 
         written += plot_sweep(report, args.out)
         if "slo_scale" in report:
-            written += plot_slo_scale(report["slo_scale"], args.out, f"{report['workload']} workload")
+            written += plot_slo_scale(report["slo_scale"], args.out, run_title(report))
     print_comparison(report)
     if "slo_scale" in report:
         slo_scale.print_scan(report["slo_scale"])

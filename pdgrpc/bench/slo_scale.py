@@ -38,10 +38,6 @@ def add_arguments(p) -> None:
     p.add_argument("--no-plots", action="store_true")
 
 
-def _results(rows: list[dict]) -> list[RequestResult]:
-    return [RequestResult(**r) for r in rows]
-
-
 def scan(report: dict, raw: dict, scales=DEFAULT_SCALES, scaled: str = "both") -> dict:
     """The SLO-scale table of one `bench serve` run (its report and its per-request results)."""
     if scaled not in SCALED:
@@ -51,22 +47,21 @@ def scan(report: dict, raw: dict, scales=DEFAULT_SCALES, scaled: str = "both") -
     slo, goal = report["slo"], report.get("attainment_goal", 0.9)
     setups = report["setups"]
     durations = {(name, float(r["offered_rate_rps"])): r["duration_s"] for name, s in setups.items() for r in s["runs"]}
+    # (setup, rate) -> its requests, parsed once for every scale; one at a time has no rate to speak of
+    results = {(name, float(rate)): [RequestResult(**r) for r in rows]
+               for name, by_rate in raw.items() for rate, rows in by_rate.items() if float(rate) > 0 and rows}
     out: dict = {"slo": slo, "scaled": scaled, "attainment_goal": goal, "scales": []}
     for scale in sorted(scales):
         ttft_s = slo["ttft_ms"] / 1000 * (scale if scaled in ("both", "ttft") else 1.0)
         tpot_s = slo["tpot_ms"] / 1000 * (scale if scaled in ("both", "tpot") else 1.0)
         runs: dict[str, list[dict]] = {}
-        for name, by_rate in raw.items():
-            for rate_text, rows in by_rate.items():
-                rate = float(rate_text)
-                if rate <= 0 or not rows:
-                    continue  # one at a time has no rate to speak of
-                good = sum(r.good(ttft_s, tpot_s) for r in _results(rows))
-                duration = durations.get((name, rate)) or 0.0
-                runs.setdefault(name, []).append({
-                    "offered_rate_rps": rate, "requests": len(rows), "good": good,
-                    "slo_attainment": good / len(rows),
-                    "goodput_rps": good / duration if duration > 0 else 0.0})
+        for (name, rate), reqs in results.items():
+            good = sum(r.good(ttft_s, tpot_s) for r in reqs)
+            duration = durations.get((name, rate)) or 0.0
+            runs.setdefault(name, []).append({
+                "offered_rate_rps": rate, "requests": len(reqs), "good": good,
+                "slo_attainment": good / len(reqs),
+                "goodput_rps": good / duration if duration > 0 else 0.0})
         for r in runs.values():
             r.sort(key=lambda x: x["offered_rate_rps"])
         out["scales"].append({
@@ -131,10 +126,9 @@ def main(args) -> int:
         json.dump(result, f, indent=1)
     written = [path]
     if not args.no_plots:
-        from pdgrpc.bench.plots import plot_slo_scale
+        from pdgrpc.bench.plots import plot_slo_scale, run_title
 
-        title = f"{report.get('workload', '')} workload, engine {report.get('engine', '')}"
-        written += plot_slo_scale(result, out, title)
+        written += plot_slo_scale(result, out, run_title(report))
     print_scan(result)
     print("wrote " + ", ".join(written))
     return 0
