@@ -96,7 +96,7 @@ async def test_coordinator_processes_share_one_port():
     try:
         await asyncio.to_thread(up.wait_for_line, "cluster ready", 60)
         assert sorted(line.split()[1] for line in up.lines if line.startswith("coordinator ")) == [
-            "coordinator-0", "coordinator-1"]
+            "coordinator-0", "coordinator-1"], up.lines
         # 16 connections: all of them on one process would be a 2**-15 chance.
         clients = [AsyncClient(f"127.0.0.1:{base}", connection_id=k) for k in range(16)]
         try:
@@ -109,7 +109,7 @@ async def test_coordinator_processes_share_one_port():
         assert sum(served) == 16 and min(served) > 0, served
     finally:
         up.signal(signal.SIGTERM)
-        assert await asyncio.to_thread(up.proc.wait, 60) == 0
+        assert await asyncio.to_thread(up.proc.wait, 60) == 0, up.lines[-20:]
 
 
 def _requests_ok(metrics_port: int) -> float:

@@ -120,9 +120,8 @@ class DecodeService:
             if seq is not None:
                 metrics.KV_HELD.free("decode", self.node, seq)  # metrics
                 await self.thread.call(self.engine.free_sequence, seq)
-            for key in list(unreleased):
-                with contextlib.suppress(PdgrpcError):
-                    await self.store.release(key)
+            for key in unreleased:  # KV never loaded (cancel, error): nobody will fetch it now
+                self.store.release_soon(key)
 
     async def run_sequence(self, seq: object, prompt_ids: list[int], sampling, first_token_id: int
                            ) -> AsyncIterator[TokenOut | DecodeFinished]:
