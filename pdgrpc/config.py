@@ -1,8 +1,9 @@
 """Cluster configuration: small typed dataclasses, loaded from TOML and validated at start.
 
 deploy/local.toml shows every key. Ports left at 0 are filled from ``port_base``:
-coordinator = base, store = base + 1, prefill i = base + 10 + i, decode j = base + 40 + j,
-colocated k = base + 70 + k, and each gRPC process's metrics port is its gRPC port + 1000.
+coordinator = base, store = base + 1, the coordinator's OpenAI HTTP front = base + 2 (``http_port``;
+0 turns it off), prefill i = base + 10 + i, decode j = base + 40 + j, colocated k = base + 70 + k,
+and each gRPC process's metrics port is its gRPC port + 1000.
 With ``[coordinator] processes = N`` the N coordinator processes share the one gRPC port
 (SO_REUSEPORT, the kernel spreads connections) and worker k serves metrics on metrics_port + k.
 """
@@ -15,7 +16,8 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 
-from pdgrpc.engine.registry import ENGINES, EngineOptions, check_torch_options
+from pdgrpc.engine.base import EngineOptions
+from pdgrpc.engine.registry import ENGINES, check_options
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
@@ -23,6 +25,7 @@ DEFAULT_PORT_BASE = 50051
 MODES = ("disaggregated", "colocated")
 ROLES = ("prefill", "decode", "colocated")
 METRICS_OFFSET = 1000
+HTTP_OFFSET = 2   # the coordinator's OpenAI-compatible HTTP port, from the base
 # Coordinator workers' metrics ports are metrics_port + k; at most 10 keeps them below the prefill
 # nodes' metrics ports (base + 1010 onwards) with the default layout.
 MAX_COORDINATOR_PROCESSES = 10
@@ -70,6 +73,9 @@ class CoordinatorSection:
     # with its own node pool and admission limit; a coordinator is CPU-bound in grpc's per-call work,
     # so more of them is how it scales on a host with cores to spare.
     processes: int = 1
+    # The OpenAI-compatible HTTP front (pdgrpc.openai_api); unset: base + 2; 0: off.
+    http_port: int | None = None
+    http_timeout_s: float = 600.0   # longest an HTTP request may run (a header can ask for less)
 
     def worker_metrics_port(self, worker: int) -> int:
         return self.metrics_port + worker
@@ -124,6 +130,8 @@ class ClusterConfig:
         if self.mode == "colocated" and (not self.by_role("colocated") or len(self.nodes) != len(
                 self.by_role("colocated"))):
             raise ConfigError("a colocated cluster needs [[colocated]] nodes only")
+        if not self.coordinator.http_timeout_s > 0:
+            raise ConfigError(f"[coordinator] http_timeout_s must be > 0, not {self.coordinator.http_timeout_s}")
         if not 1 <= self.coordinator.processes <= MAX_COORDINATOR_PROCESSES:
             raise ConfigError(f"[coordinator] processes must be 1-{MAX_COORDINATOR_PROCESSES}, "
                               f"not {self.coordinator.processes}")
@@ -147,7 +155,7 @@ class ClusterConfig:
                 raise ConfigError(f"node {n.name}: max_requests and max_batch must be > 0")
             if n.stream_interval <= 0:
                 raise ConfigError(f"node {n.name}: stream_interval must be >= 1 (tokens per message)")
-            check_torch_options(n.engine, f"node {n.name}: ", ConfigError)
+            check_options(n.engine, f"node {n.name}: ", ConfigError)
         parse_size(self.store.max_memory)
         return self
 
@@ -155,6 +163,8 @@ class ClusterConfig:
         yield "store", self.store.host, self.store.port
         yield "coordinator", self.coordinator.host, self.coordinator.port
         c = self.coordinator
+        if c.http_port:
+            yield "coordinator http", c.host, c.http_port
         for k in range(max(c.processes, 1)):
             yield f"coordinator {k} metrics" if k else "coordinator metrics", c.host, c.worker_metrics_port(k)
         for n in self.nodes:
@@ -194,7 +204,8 @@ def from_dict(raw: dict, port_base: int | None = None) -> ClusterConfig:
     store = dataclasses.replace(store, port=store.port or base + 1)
     coord = _section(CoordinatorSection, raw.get("coordinator", {}), "coordinator")
     coord = dataclasses.replace(coord, port=coord.port or base,
-                                metrics_port=coord.metrics_port or (coord.port or base) + METRICS_OFFSET)
+                                metrics_port=coord.metrics_port or (coord.port or base) + METRICS_OFFSET,
+                                http_port=base + HTTP_OFFSET if coord.http_port is None else coord.http_port)
     defaults_raw = dict(raw.get("defaults", {}))
     bad = set(defaults_raw) - _NODE_KEYS
     if bad:

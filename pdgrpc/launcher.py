@@ -1,8 +1,9 @@
 """`pdgrpc up`: a whole local cluster as separate OS processes, stopped together.
 
 Order: store, then prefill and decode nodes, then the coordinator. Each process prints
-``<role> <name> listening on HOST:PORT metrics HOST:PORT`` once it is ready. When every one is
-ready the launcher prints where the coordinator is. Ctrl-C or SIGTERM stops the coordinator first
+``<role> <name> listening on HOST:PORT metrics HOST:PORT`` once it is ready (the coordinator adds
+``openai http://HOST:PORT/v1``, its OpenAI-compatible front). When every one is ready the launcher
+prints where the coordinator is. Ctrl-C or SIGTERM stops the coordinator first
 (no new requests), then the nodes (they drain), then the store. A child that dies takes the
 cluster down with a non-zero exit, so a broken cluster is never left half up.
 """
@@ -22,7 +23,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdgrpc import config as cfgmod
-from pdgrpc.engine.registry import EngineOptions
+from pdgrpc.engine.base import EngineOptions
 from pdgrpc.launcher_env import PARENT_ENV
 from pdgrpc.security import GrpcSecurity
 
@@ -41,6 +42,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--port-base", type=int, default=None,
                         help=f"coordinator port; others follow it (default {cfgmod.DEFAULT_PORT_BASE})")
     parser.add_argument("--store-max-memory", default=None, help="store capacity, e.g. 2GB")
+    parser.add_argument("--http-port", type=int, default=None,
+                        help="the coordinator's OpenAI-compatible HTTP port (default: port base + 2; 0: off)")
     parser.add_argument("--coordinators", type=int, default=None,
                         help="coordinator processes sharing the coordinator port ([coordinator] processes)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin nodes to CPUs")
@@ -66,6 +69,9 @@ def cluster_from_args(args) -> cfgmod.ClusterConfig:
     if args.store_max_memory:
         cluster = dataclasses.replace(cluster, store=dataclasses.replace(cluster.store,
                                                                          max_memory=args.store_max_memory))
+    if args.http_port is not None:
+        cluster = dataclasses.replace(cluster, coordinator=dataclasses.replace(cluster.coordinator,
+                                                                               http_port=args.http_port))
     if args.coordinators is not None:
         cluster = dataclasses.replace(cluster, coordinator=dataclasses.replace(cluster.coordinator,
                                                                                processes=args.coordinators))
@@ -241,10 +247,15 @@ def main(args) -> int:
             procs.wait_ready(name, coord, _http_ready, f"{c.host}:{c.worker_metrics_port(k)}",
                              args.ready_timeout_s, path="/metrics")
         procs.wait_ready("coordinator", coords[0], _grpc_ready, cluster.coordinator_address, args.ready_timeout_s)
+        openai = ""
+        if c.http_port:
+            procs.wait_ready("coordinator http", coords[0], _http_ready, f"{c.host}:{c.http_port}",
+                             args.ready_timeout_s)
+            openai = f"; OpenAI API: http://{c.host}:{c.http_port}/v1"
         shape = (f"{len(cluster.nodes)} colocated" if cluster.mode == "colocated" else
                  f"{len(cluster.by_role('prefill'))} prefill + {len(cluster.by_role('decode'))} decode")
         print(f"cluster ready: {shape}; try: pdgrpc generate --coordinator {cluster.coordinator_address} "
-              '"Hello"', flush=True)
+              f'"Hello"{openai}', flush=True)
         while True:
             dead = procs.dead()
             if dead:

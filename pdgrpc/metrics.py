@@ -1,6 +1,6 @@
 """Prometheus metrics of every pdgrpc process (prefix pdgrpc_, base units, bounded labels).
 
-Labels are role, node, model, phase, outcome, reason, location: never a request id.
+Labels are role, node, model, phase, outcome, reason, location, api: never a request id.
 KV transfer phases, one definition for the whole project:
   publish  prefill: from a KV group computed to its entry committed in the store
   deliver  coordinator: from a descriptor received from prefill to it written to decode's stream
@@ -26,6 +26,7 @@ _KV_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 
 _BANDWIDTH_BUCKETS = (1e8, 2.5e8, 5e8, 1e9, 2.5e9, 5e9, 1e10, 2.5e10, 5e10, 1e11, 2.5e11, 1e12)
 
 OUTCOMES = ("ok", "cancelled", "deadline", "invalid", "unavailable", "rejected", "error")
+APIS = ("grpc", "openai")   # the coordinator's gRPC service, its OpenAI-compatible HTTP front
 PHASES = ("publish", "deliver", "fetch", "total")
 FAILURE_REASONS = {"prefill": ("store_full", "store"), "decode": ("not_found", "checksum", "store")}
 
@@ -44,7 +45,8 @@ PREFILL_TIME = Histogram("pdgrpc_request_prefill_time_seconds", "Prefill call se
                          ["model"], buckets=_TTFT_BUCKETS)
 DECODE_TIME = Histogram("pdgrpc_request_decode_time_seconds", "First token to final message",
                         ["model"], buckets=_E2E_BUCKETS)
-REQUESTS = Counter("pdgrpc_requests_total", "Finished requests by outcome", ["model", "outcome"])
+REQUESTS = Counter("pdgrpc_requests_total", "Finished requests by outcome and the API they came by",
+                   ["model", "outcome", "api"])
 PROMPT_TOKENS = Counter("pdgrpc_prompt_tokens_total", "Prompt tokens of finished requests", ["model"])
 GENERATION_TOKENS = Counter("pdgrpc_generation_tokens_total", "Tokens generated", ["model"])
 REQUEST_RETRIES = Counter("pdgrpc_request_retries_total",
@@ -87,13 +89,15 @@ def outcome_for(code_name: str | None) -> str:
 _models_seen: set[str] = set()
 
 
-def count_request(model: str, code_name: str | None) -> None:
-    """One finished request; the first one of a model creates every outcome at 0 (dashboards see zeros)."""
+def count_request(model: str, code_name: str | None, api: str = "grpc") -> None:
+    """One finished request; the first one of a model creates every outcome of every API at 0
+    (dashboards see zeros)."""
     if model not in _models_seen:
         _models_seen.add(model)
         for outcome in OUTCOMES:
-            REQUESTS.labels(model, outcome)
-    REQUESTS.labels(model, outcome_for(code_name)).inc()
+            for a in APIS:
+                REQUESTS.labels(model, outcome, a)
+    REQUESTS.labels(model, outcome_for(code_name), api).inc()
 
 
 def pool_model(pool: Any) -> str:

@@ -46,7 +46,7 @@ def free_port_base() -> int:
     the kernel's ephemeral range (32768+), where other programs' outgoing ports land."""
     for _ in range(500):
         base = random.randrange(20000, 31000, 100)
-        ports = [base, base + 1, *range(base + 10, base + 20), *range(base + 40, base + 50),
+        ports = [base, base + 1, base + 2, *range(base + 10, base + 20), *range(base + 40, base + 50),
                  *range(base + 70, base + 80)]
         ports += [p + 1000 for p in ports]
         with _reserve_lock:

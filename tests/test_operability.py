@@ -219,7 +219,7 @@ def test_promtool_check_metrics_passes_on_every_process(loaded_cluster):
 def test_metric_labels_stay_bounded(loaded_cluster):
     """No request ids or other unbounded values in any label, and the model label is filled in."""
     lc, _, _ = loaded_cluster
-    allowed = {"role", "node", "model", "phase", "outcome", "reason", "location", "path", "le", "quantile"}
+    allowed = {"role", "node", "model", "phase", "outcome", "reason", "location", "path", "api", "le", "quantile"}
     for name, url in metrics_urls(lc.base).items():
         for line in http_get(url).decode().splitlines():
             if not line.startswith("pdgrpc_") or "{" not in line:

@@ -26,7 +26,7 @@ PROMPTS = [
 
 def free_base() -> int:
     for base in range(50051, 60000, 100):
-        ports = [base, base + 1, base + 10, base + 40, base + 1000, base + 1010, base + 1040]
+        ports = [base, base + 1, base + 2, base + 10, base + 40, base + 1000, base + 1010, base + 1040]
         ok = True
         for p in ports:
             with socket.socket() as s:

@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from pdgrpc.engine.registry import LINEAR_KERNELS, MKL_DISPATCHES
+from pdgrpc.engine.torch_options import LINEAR_KERNELS, MKL_DISPATCHES
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -48,7 +48,7 @@ def free_base(taken: set[int]) -> int:
         base = random.randrange(20000, 31000, 100)
         if any(abs(base - other) < 2000 for other in taken):
             continue
-        ports = [base, base + 1, *range(base + 10, base + 14), *range(base + 40, base + 44),
+        ports = [base, base + 1, base + 2, *range(base + 10, base + 14), *range(base + 40, base + 44),
                  *range(base + 70, base + 74)]
         if all(port_free(p) and port_free(p + 1000) for p in ports):
             taken.add(base)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -13,6 +14,7 @@ from pdgrpc.coordinator.router import Router
 from pdgrpc.coordinator.servicer import CoordinatorServicer, register
 from pdgrpc.grpcutil import add_health_and_reflection, new_server, set_serving, wait_for_stop_signal
 from pdgrpc.kvstore.client import KVStoreClient
+from pdgrpc.openai_api.app import OpenAIFront
 from pdgrpc.security import GrpcSecurity
 
 log = logging.getLogger(__name__)
@@ -43,18 +45,30 @@ async def serve(cluster: cfgmod.ClusterConfig, grace_s: float, store_token: str,
         log.error("cannot bind %s:%d", c.host, c.port)
         return 1
     await server.start()
+    front = OpenAIFront(router, security.token, c.http_timeout_s) if c.http_port else None
+    if front is not None:
+        try:
+            await front.start(c.host, c.http_port, share_port=c.processes > 1, grace_s=grace_s)
+        except OSError as exc:
+            log.error("cannot bind %s:%d for HTTP: %s", c.host, c.http_port, exc)
+            await server.stop(0)
+            return 1
     metrics.serve_metrics(c.host, metrics_port)
     await pool.start()
     router.start()
     # Serving as soon as the coordinator itself works: requests get UNAVAILABLE until nodes are up.
     await set_serving(health, [name], True)
     who = f"coordinator-{worker}" if c.processes > 1 else "coordinator"
-    print(f"coordinator {who} listening on {c.host}:{c.port} metrics {c.host}:{metrics_port}", flush=True)
+    http = f" openai http://{c.host}:{c.http_port}/v1" if front is not None else ""
+    print(f"coordinator {who} listening on {c.host}:{c.port} metrics {c.host}:{metrics_port}{http}", flush=True)
     sdnotify.notify("READY=1")
     await wait_for_stop_signal()
     sdnotify.notify("STOPPING=1")
     await set_serving(health, [name], False)
-    await server.stop(grace_s)
+    if front is not None:
+        await asyncio.gather(server.stop(grace_s), front.stop())
+    else:
+        await server.stop(grace_s)
     await router.close()
     await pool.close()
     await store.close()

@@ -35,7 +35,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             outcome = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
             raise
         finally:
-            metrics.count_request(model or metrics.pool_model(self.router.pool), outcome)  # metrics
+            metrics.count_request(model or metrics.pool_model(self.router.pool), outcome, api="grpc")  # metrics
 
     async def GetClusterStatus(self, request: coordinator_pb2.ClusterStatusRequest, context):
         status = ClusterStatus(tuple(self.router.pool.status()), self.store_address, self.router.inflight)
