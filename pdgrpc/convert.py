@@ -148,7 +148,8 @@ def descriptor_from_pb(m: c_pb.KVDescriptor) -> t.KVDescriptor:
 def node_info_to_pb(n: t.NodeInfo) -> c_pb.NodeInfo:
     return c_pb.NodeInfo(
         name=n.name, role=_ROLE_TO_PB[n.role], model=model_to_pb(n.model), running_requests=n.running_requests,
-        queued_requests=n.queued_requests, max_requests=n.max_requests,
+        queued_requests=n.queued_requests, max_requests=n.max_requests, batch_invariant=n.batch_invariant,
+        engine_detail=n.engine_detail,
     )
 
 
@@ -156,6 +157,7 @@ def node_info_from_pb(m: c_pb.NodeInfo) -> t.NodeInfo:
     return t.NodeInfo(
         name=m.name, role=_ROLE_FROM_PB.get(m.role, t.Role.PREFILL), model=model_from_pb(m.model),
         running_requests=m.running_requests, queued_requests=m.queued_requests, max_requests=m.max_requests,
+        batch_invariant=m.batch_invariant if m.HasField("batch_invariant") else None, engine_detail=m.engine_detail,
     )
 
 

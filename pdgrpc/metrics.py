@@ -73,6 +73,11 @@ NODE_PREFILL_JOINS = Counter("pdgrpc_node_prefill_joins_total",
                              ["role", "node"])
 NODE_STEP_TIME = Histogram("pdgrpc_node_step_seconds", "Engine step time", ["role", "node"],
                            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+ENGINE_BATCH_INVARIANT = Gauge(
+    "pdgrpc_engine_batch_invariant",
+    "1: the engine's kernels were checked at load to give a sequence the same results whatever else is in its "
+    "batch; 0: the check failed (greedy output may differ from colocated; the node's log says why)",
+    ["role", "node"])
 NODE_KV_CACHE = Gauge("pdgrpc_node_kv_cache_bytes",
                       "KV bytes the node holds: prefill until published, decode per sequence (loaded + generated)",
                       ["role", "node"])

@@ -164,6 +164,8 @@ class NodeInfo:
     running_requests: int
     queued_requests: int
     max_requests: int
+    batch_invariant: bool | None = None  # checked at load (torch engine); None: not checked
+    engine_detail: str = ""              # what the engine checked and chose at load, one line
 
 
 # ---- prefill stream -------------------------------------------------------------------------

@@ -21,6 +21,13 @@ from pdgrpc.engine import mkl_dispatch
 # and the exactness tests' in-process references run the same kernels.
 MKL_NOTE = mkl_dispatch.enable()
 
+# One kernel plan cache for the whole run (every engine and node process it starts), new each run:
+# the nodes agree with each other and with the in-process references, and no earlier state counts.
+if "PDGRPC_KERNEL_PLAN_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["PDGRPC_KERNEL_PLAN_DIR"] = tempfile.mkdtemp(prefix="pdgrpc-kernel-plans-")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -32,7 +32,8 @@ needs_amd_avx512 = pytest.mark.skipif(not AMD_WITH_AVX512, reason="needs an AMD 
 _NODE_START = """
 import logging, sys
 logging.basicConfig(level="INFO", stream=sys.stderr)
-from pdgrpc.engine.registry import EngineOptions, build_engine
+from pdgrpc.engine.base import EngineOptions
+from pdgrpc.engine.registry import build_engine
 engine = build_engine(EngineOptions(name="torch", model="tiny-random", threads=1, mkl_dispatch=sys.argv[1]))
 import torch  # noqa: E402 -- loaded by the engine already
 a = torch.randn(64, 64)

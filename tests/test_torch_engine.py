@@ -17,10 +17,10 @@ from contextlib import redirect_stdout
 import pytest
 import torch
 
-from pdgrpc.engine.base import DecodeWork, KVGroup, PrefillWork, SampledToken
+from pdgrpc.engine.base import DecodeWork, EngineOptions, KVGroup, PrefillWork, SampledToken
 from pdgrpc.engine.colocated import generate_colocated
 from pdgrpc.engine.mock import ByteTokenizer
-from pdgrpc.engine.registry import EngineOptions, build_engine
+from pdgrpc.engine.registry import build_engine
 from pdgrpc.engine.torch_engine import TorchEngine, build_torch_engine, load_tiny_random
 from pdgrpc.errors import FailedPrecondition, InvalidArgument
 from pdgrpc.types import SamplingParams
@@ -36,10 +36,17 @@ GREEDY = SamplingParams(max_tokens=12)
 
 # ---- helpers --------------------------------------------------------------------------------
 
-def tiny_engine(dtype: torch.dtype = torch.float32, layers_per_group: int = 1) -> TorchEngine:
+def tiny_engine(dtype: torch.dtype = torch.float32, layers_per_group: int = 1, linear_kernel: str = "",
+                max_batch: int = 32) -> TorchEngine:
     model, config_text = load_tiny_random(dtype)
     return TorchEngine(model, ByteTokenizer(), name="tiny-random", config_text=config_text, eos_token_ids=(2,),
-                       layers_per_group=layers_per_group, min_group_bytes=0)
+                       layers_per_group=layers_per_group, min_group_bytes=0, linear_kernel=linear_kernel,
+                       max_batch=max_batch)
+
+
+def assert_batch_invariant(engine: TorchEngine) -> None:
+    """Exactness across batches rests on the check at load: say what failed rather than pass by luck."""
+    assert engine.batch_invariant, "\n".join(engine.kernel_report.lines())
 
 
 def hf_generate(engine: TorchEngine, ids: list[int], max_new_tokens: int) -> list[int]:
@@ -82,9 +89,10 @@ def strip_after_eos(tokens: list[int], eos: tuple[int, ...]) -> list[int]:
 
 
 def run_joining_batch(engine: TorchEngine, prompts: list[list[int]], joins: list[int], leave: dict[int, int],
-                      steps: int, sampling: SamplingParams = GREEDY) -> list[list[int]]:
-    """Decode prompts in one changing batch: prompt i joins at step joins[i] and leaves after leave[i] tokens."""
-    outs: list[list[int]] = [[] for _ in prompts]
+                      steps: int, sampling: SamplingParams = GREEDY, logprobs: bool = False) -> list[list]:
+    """Decode prompts in one changing batch: prompt i joins at step joins[i] and leaves after leave[i] tokens.
+    With ``logprobs``: (token id, logprob) pairs, so a difference in a logit's last bit shows too."""
+    outs: list[list] = [[] for _ in prompts]
     seqs: dict[int, object] = {}
     for step in range(steps):
         for i, j in enumerate(joins):
@@ -96,7 +104,7 @@ def run_joining_batch(engine: TorchEngine, prompts: list[list[int]], joins: list
             continue
         toks = engine.decode_step([seqs[i] for i in active])
         for i, t in zip(active, toks):
-            outs[i].append(t.token_id)
+            outs[i].append((t.token_id, t.logprob) if logprobs else t.token_id)
             if len(outs[i]) >= leave.get(i, 10**9):
                 engine.free_sequence(seqs.pop(i))
     for s in seqs.values():
@@ -104,12 +112,14 @@ def run_joining_batch(engine: TorchEngine, prompts: list[list[int]], joins: list
     return outs
 
 
-def run_alone(engine: TorchEngine, ids: list[int], n: int, sampling: SamplingParams = GREEDY) -> list[int]:
+def run_alone(engine: TorchEngine, ids: list[int], n: int, sampling: SamplingParams = GREEDY,
+              logprobs: bool = False) -> list:
     seq, first = start_seq(engine, ids, sampling)
     out = [first]
     try:
         while len(out) < n:
-            out.append(engine.decode_step([seq])[0].token_id)
+            t = engine.decode_step([seq])[0]
+            out.append((t.token_id, t.logprob) if logprobs else t.token_id)
     finally:
         engine.free_sequence(seq)
     return out
@@ -354,6 +364,7 @@ def test_tiny_groups_of_several_layers_and_bf16():
 
 
 def test_tiny_batch_with_joins_equals_singles(tiny):
+    assert_batch_invariant(tiny)
     prompts = [tiny.tokenizer.encode(p) for p in ("first prompt here", "a much longer second prompt, " * 3, "3")]
     alone = [run_alone(tiny, ids, 14) for ids in prompts]
     batched = run_joining_batch(tiny, prompts, joins=[0, 3, 6], leave={0: 10}, steps=16)
@@ -476,7 +487,7 @@ def test_tiny_fingerprint_stable_across_processes(tiny):
         assert via_registry.spec.engine == "torch" and via_registry.spec.name == "tiny-random"
     finally:
         via_registry.close()
-    code = ("from pdgrpc.engine.torch_engine import build_torch_engine; from pdgrpc.engine.registry import "
+    code = ("from pdgrpc.engine.torch_engine import build_torch_engine; from pdgrpc.engine.base import "
             "EngineOptions; import sys; e = build_torch_engine(EngineOptions(name='torch', model='tiny-random', "
             "dtype=sys.argv[1], threads=1)); print(e.spec.fingerprint)")
     out = subprocess.run([sys.executable, "-c", code, "float32"], cwd=ROOT, capture_output=True, text=True, check=False,
@@ -591,6 +602,7 @@ def test_smol_colocated_equals_hf_generate(smol):
 
 @needs_smollm2
 def test_smol_batch_of_four_equals_singles(smol):
+    assert_batch_invariant(smol)
     prompts = smol_prompts(smol)[1:5]
     alone = [run_alone(smol, ids, 12) for ids in prompts]
     batched = run_joining_batch(smol, prompts, joins=[0, 0, 0, 0], leave={}, steps=11)
@@ -605,9 +617,10 @@ def test_smol_batch_of_four_equals_singles(smol):
 def test_smol_bf16_batch_with_joins_equals_singles():
     """bfloat16, 64 tokens: each sequence of a changing batch decodes exactly as it does alone (rows
     join late, one leaves early, the batch shrinks to 1-2 rows). Parted at token 17 before 1-2-row
-    products were padded (torch_linear.MIN_ROWS)."""
+    products were padded (now found per shape at load: torch_kernel_plan)."""
     engine = build_torch_engine(EngineOptions(name="torch", model="", dtype="bfloat16"))
     try:
+        assert_batch_invariant(engine)
         prompts = smol_prompts(engine)
         alone = [run_alone(engine, ids, 64) for ids in prompts]
         batched = run_joining_batch(engine, prompts, joins=[0, 0, 0, 3, 3, 9, 20, 20], leave={1: 30, 4: 12},
@@ -791,3 +804,93 @@ def test_decode_batch_keeps_each_rows_own_columns_through_leaves_and_growth(zero
         assert torch.equal(kv_view(s), own[s.serial])
         pad = batch.buf[:, :, s.row, :, :batch.length - s.length]
         assert torch.equal(pad, torch.zeros_like(pad)) or not zero_padding
+
+
+# ---- batch invariance, drawn: every kernel this machine offers, both dtypes -------------------
+
+def _kernels_here(dtype: torch.dtype) -> list[str]:
+    from pdgrpc.engine.torch_linear import KERNELS, kernel_unavailable
+
+    return [k for k in KERNELS if kernel_unavailable(k, dtype) is None]
+
+
+def test_engine_option_forces_a_kernel_and_the_fingerprint_ignores_it():
+    engines = {k: tiny_engine(linear_kernel=k) for k in ("", *_kernels_here(torch.float32))}
+    try:
+        for k, e in engines.items():
+            assert all(type(m) is not torch.nn.Linear for m in e.model.modules())
+            if k:
+                assert e.linear_kernel == k and e.kernel_report.source.endswith(f"forced {k}")
+            else:
+                assert set(e.linear_kernel.split("+")) <= set(_kernels_here(torch.float32))
+        # The fingerprint is over the weights: nodes with other kernels accept each other's KV.
+        assert len({e.spec.fingerprint for e in engines.values()}) == 1
+    finally:
+        for e in engines.values():
+            e.close()
+    model, config_text = load_tiny_random(torch.float32)
+    with pytest.raises(ValueError, match="linear_kernel"):
+        TorchEngine(model, ByteTokenizer(), name="tiny-random", config_text=config_text, linear_kernel="blas")
+
+
+_PROPERTY_ENGINES: dict[tuple[torch.dtype, str], TorchEngine] = {}
+_ALONE: dict[tuple, list[int]] = {}
+
+
+@pytest.fixture(scope="module")
+def property_engines():
+    yield _PROPERTY_ENGINES
+    for e in _PROPERTY_ENGINES.values():
+        e.close()
+    _PROPERTY_ENGINES.clear()
+    _ALONE.clear()
+
+
+def _property_engine(dtype: torch.dtype, kernel: str) -> TorchEngine:
+    if (dtype, kernel) not in _PROPERTY_ENGINES:
+        _PROPERTY_ENGINES[dtype, kernel] = tiny_engine(dtype, layers_per_group=2, linear_kernel=kernel, max_batch=40)
+    return _PROPERTY_ENGINES[dtype, kernel]
+
+
+try:
+    from hypothesis import HealthCheck, example, given, settings
+    from hypothesis import strategies as st
+except ImportError:  # the [dev] extra has it; without it the test is skipped, not passed
+    given = None
+
+if given is not None:
+    _sequence = st.tuples(st.lists(st.integers(3, 511), min_size=1, max_size=48),  # prompt token ids
+                          st.integers(0, 8),                                    # step at which it joins
+                          st.integers(2, 14))                                   # tokens before it leaves
+
+    _WIDE = [([3 + (7 * i + k) % 500 for k in range(1 + (11 * i) % 45)], i % 4, 4 + i % 9) for i in range(38)]
+
+    @example(dtype=torch.float32, kernel_index=0, seqs=_WIDE)
+    @example(dtype=torch.bfloat16, kernel_index=1, seqs=_WIDE)
+    @settings(max_examples=20, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(dtype=st.sampled_from([torch.float32, torch.bfloat16]), kernel_index=st.integers(0, 1),
+           seqs=st.lists(_sequence, min_size=1, max_size=40))
+    def test_drawn_batches_decode_every_sequence_as_alone(property_engines, dtype, kernel_index, seqs):
+        """Sequences of drawn lengths join and leave a decode batch at drawn steps (batches of 1 to 40
+        rows: past the 32-row block): each one's greedy tokens, and their logprobs to the last bit
+        (a token of the tiny random model rarely flips on a rounding difference; its logprob does),
+        equal those it gets decoded alone, for both dtypes and every kernel this machine runs."""
+        kernels = _kernels_here(dtype)
+        engine = _property_engine(dtype, kernels[kernel_index % len(kernels)])
+        assert_batch_invariant(engine)
+        prompts = [ids for ids, _, _ in seqs]
+        leave = {i: n for i, (_, _, n) in enumerate(seqs)}
+        batched = run_joining_batch(engine, prompts, joins=[j for _, j, _ in seqs], leave=leave, steps=24,
+                                    sampling=SamplingParams(max_tokens=32, ignore_eos=True), logprobs=True)
+        for i, got in enumerate(batched):
+            key = (dtype, engine.linear_kernel, tuple(prompts[i]))
+            if key not in _ALONE or len(_ALONE[key]) < len(got):
+                _ALONE[key] = run_alone(engine, prompts[i], max(len(got), 1),
+                                        SamplingParams(max_tokens=32, ignore_eos=True), logprobs=True)
+            assert got == _ALONE[key][:len(got)], (f"sequence {i} ({len(prompts[i])} tokens) in {dtype} with "
+                                                   f"{engine.linear_kernel}: {engine.engine_detail}")
+        assert engine._batch is None
+else:
+    def test_drawn_batches_decode_every_sequence_as_alone():
+        pytest.skip("hypothesis is not installed")

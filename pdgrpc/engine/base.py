@@ -38,6 +38,25 @@ from pdgrpc.types import ModelSpec, Prompt, SamplingParams
 
 
 @dataclass(frozen=True)
+class EngineOptions:
+    """What a node knows about the engine it should build (validated by the engine; the torch-only
+    fields by ``torch_options.check_torch_options``)."""
+
+    name: str = "mock"
+    model: str = ""          # model folder or name; engine-specific default when empty
+    device: str = "cpu"
+    dtype: str = ""          # engine default when empty
+    threads: int = 0         # 0: one per CPU the process may run on
+    max_batch: int = 32      # most sequences in one decode step (the node's max_batch): kernels are checked up to it
+    mock_prefill_cost_per_token_s: float = 0.0
+    mock_decode_cost_per_step_s: float = 0.0
+    mock_layers_per_group: int = 6
+    prefill_chunk_tokens: int = 0  # torch: prompts longer than this prefill in chunks of it (0: off)
+    linear_kernel: str = ""        # torch: "" (chosen per shape at load), "onednn" or "torch" (forced)
+    mkl_dispatch: str = ""         # torch on x86: "features" (MKL's kernels by CPU features; the default) or "vendor"
+
+
+@dataclass(frozen=True)
 class KVGroup:
     """KV of layers [layer_start, layer_end) for tokens [token_start, token_end).
 
@@ -93,6 +112,11 @@ class Engine(abc.ABC):
     # Whether prefill() calls ``more`` between chunks of a long prompt (chunked prefill), so a node
     # hands it the prompts that arrived meanwhile instead of holding them for the next batch.
     prefill_joins: bool = False
+    # Whether a sequence's tokens were checked at load not to depend on the rest of its batch: True
+    # or False where the engine checks it (the torch engine, ``torch_kernel_plan``), None where it
+    # does not. ``engine_detail`` says what was checked and chosen, for the log and NodeInfo.
+    batch_invariant: bool | None = None
+    engine_detail: str = ""
 
     def tokenize(self, prompt: Prompt) -> list[int]:
         if prompt.token_ids is not None:

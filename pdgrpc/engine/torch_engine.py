@@ -17,14 +17,16 @@ prefill call run one after another, shortest first (exact, and each one's first 
 early). With ``prefill_chunk_tokens`` a long prompt runs in chunks (its cache kept between them; its KV
 goes out group by group during the last chunk) and works that arrive meanwhile join between chunks.
 
-On the CPU the model's linear layers run through oneDNN with prepacked weights (``linear_kernel``
-"onednn", the default; see ``torch_linear``): about twice as fast as torch's MKL path here. "torch"
-keeps ``F.linear``. Both give float32 results; nodes compared for token-exactness use the same kernel.
+The model's linear layers are chosen at load, per weight shape, among the kernels whose row results
+are checked there not to depend on the batch (``torch_kernel_plan``: oneDNN with prepacked weights
+or torch's ``F.linear``, padded where that makes them invariant), the fastest by a short timing;
+``linear_kernel`` forces one. The choice is cached per machine, so the nodes of one host agree.
 
 Decode keeps a left-padded batch buffer (see ``torch_kv``): one forward per step for all sequences,
 positions from each sequence's true length, padding masked out, new K/V written in place. Batched
-greedy output equals the sequences run alone (float32 and bfloat16: see torch_linear.MIN_ROWS) and
-equals ``model.generate(do_sample=False)`` in float32.
+greedy output equals the sequences run alone (float32 and bfloat16: the linear layers are checked
+for it at load, attention reads each row's own columns) and equals ``model.generate(do_sample=False)``
+in float32.
 """
 
 from __future__ import annotations
@@ -46,9 +48,9 @@ import numpy as np
 import torch
 
 from pdgrpc.engine import mkl_dispatch
-from pdgrpc.engine.base import DecodeWork, Engine, KVGroup, PrefillWork, SampledToken, Tokenizer
-from pdgrpc.engine.registry import LINEAR_KERNELS, EngineOptions
+from pdgrpc.engine.base import DecodeWork, Engine, EngineOptions, KVGroup, PrefillWork, SampledToken, Tokenizer
 from pdgrpc.engine.torch_attention import ATTENDS_TO_HELD_COLUMNS_ONLY, NAME, held_columns, use_engine_attention
+from pdgrpc.engine.torch_kernel_plan import KernelReport, plan_linears
 from pdgrpc.engine.torch_kv import (
     DecodeBatch,
     SequenceState,
@@ -61,7 +63,7 @@ from pdgrpc.engine.torch_kv import (
     kv_group_tensor,
     kv_view,
 )
-from pdgrpc.engine.torch_linear import pack_linears
+from pdgrpc.engine.torch_options import LINEAR_KERNELS
 from pdgrpc.engine.torch_sampling import Sampler
 from pdgrpc.errors import FailedPrecondition, InvalidArgument
 from pdgrpc.types import ModelSpec
@@ -204,7 +206,7 @@ def build_torch_engine(opts: EngineOptions, mkl_note: str = "") -> TorchEngine:
             model, config_text = compute.run(load_tiny_random, dtype)
             return TorchEngine(model, ByteTokenizer(), name=TINY_RANDOM, config_text=config_text, device=device,
                                eos_token_ids=(2,), compute=compute, prefill_chunk_tokens=opts.prefill_chunk_tokens,
-                               linear_kernel=opts.linear_kernel or "onednn")
+                               linear_kernel=opts.linear_kernel, max_batch=opts.max_batch)
         from pdgrpc.model_prep import resolve_model
 
         path = compute.run(resolve_model, opts.model, dname)  # may convert the GGUF (torch work) on first use
@@ -212,7 +214,7 @@ def build_torch_engine(opts: EngineOptions, mkl_note: str = "") -> TorchEngine:
         return TorchEngine(model, HFTokenizer(tok), name=os.path.basename(os.path.normpath(path)),
                            config_text=config_text, device=device, eos_token_ids=_eos_ids(model, tok),
                            compute=compute, prefill_chunk_tokens=opts.prefill_chunk_tokens,
-                           linear_kernel=opts.linear_kernel or "onednn")
+                           linear_kernel=opts.linear_kernel, max_batch=opts.max_batch)
     except BaseException:
         compute.shutdown()
         raise
@@ -273,9 +275,12 @@ class TorchEngine(Engine):
                  device: torch.device | str = "cpu", eos_token_ids: tuple[int, ...] = (),
                  layers_per_group: int = DEFAULT_LAYERS_PER_GROUP, compute: ComputeThread | None = None,
                  min_group_bytes: int = MIN_GROUP_BYTES, prefill_chunk_tokens: int = 0,
-                 linear_kernel: str = "onednn") -> None:
-        if linear_kernel not in LINEAR_KERNELS:
-            raise ValueError(f"linear_kernel must be one of {LINEAR_KERNELS}, not {linear_kernel!r}")
+                 linear_kernel: str = "", max_batch: int = 32) -> None:
+        if linear_kernel and linear_kernel not in LINEAR_KERNELS:
+            raise ValueError(f"linear_kernel must be one of {LINEAR_KERNELS} or empty (chosen at load), "
+                             f"not {linear_kernel!r}")
+        if max_batch <= 0:
+            raise ValueError(f"max_batch must be > 0, got {max_batch}")
         if layers_per_group <= 0:
             raise ValueError("layers_per_group must be > 0")
         if prefill_chunk_tokens < 0:
@@ -323,9 +328,17 @@ class TorchEngine(Engine):
             eos_token_ids=tuple(eos_token_ids),
         )
         # After the fingerprint: it is over the weights, whichever kernel multiplies by them.
-        packed = self.compute.run(pack_linears, self.model) if linear_kernel == "onednn" else 0
-        self.linear_kernel = "onednn" if packed else "torch"  # what runs (onednn falls back on GPU)
-        log.info("linear kernel: %s%s", self.linear_kernel, f" ({packed} layers prepacked)" if packed else "")
+        # Kernels checked batch-invariant up to max_batch rows, the fastest per shape (torch_kernel_plan).
+        self.kernel_report: KernelReport = self.compute.run(plan_linears, self.model, max_batch, linear_kernel)
+        self.linear_kernel = "+".join(self.kernel_report.kernels)  # what runs, e.g. "onednn" or "onednn+torch"
+        self.batch_invariant = self.kernel_report.invariant
+        self.engine_detail = self.kernel_report.summary()
+        for line in self.kernel_report.lines():
+            log.info("%s", line)
+        if not self.batch_invariant:
+            log.warning("the linear layers are NOT batch-invariant here: a sequence's tokens may depend on "
+                        "the rest of its batch, and disaggregated output may differ from colocated (%s)",
+                        self.engine_detail)
         # Where padding is never written, decode batches start this wide, so a prompt up to the model's
         # length joins a running batch in place (see DecodeBatch); elsewhere padding is computed: 0.
         self._batch_min_length = self.spec.max_model_len if self._attends_to_held_columns else 0

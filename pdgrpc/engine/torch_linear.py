@@ -1,33 +1,100 @@
-"""CPU linear layers through oneDNN with prepacked weights (the torch engine's ``linear_kernel``).
+"""The torch engine's linear layers: two kernels, and a layer whose row results do not depend on the batch.
 
-PyTorch's CPU ``F.linear`` calls MKL's sgemm. On the AMD EPYC machines measured here MKL takes a
-slower code path than the CPU supports: a [1000 x 576] x [576 x 1536] product ran at ~100 GFLOPS on
-one core, while oneDNN (bundled with PyTorch, the library vLLM's CPU backend also uses) with the weight
-reordered once into its blocked layout ran the same product at ~240 GFLOPS, and decode-sized products
-(4-32 rows) 2.5-3x faster. Results stay fp32 (max relative error against float64 ~1e-6, as MKL's) and,
-unlike MKL's, a row's result does not depend on how many rows are in the batch (products of 1-2 rows
-are padded to 3: oneDNN sums those in another order).
+Why. A decode step multiplies one row per sequence by every weight. GEMM libraries choose their
+code path, and with it the order in which a row's products are summed, by the number of rows. So
+the same sequence gets other bits in a step of 1 row than in a step of 9, its greedy tokens part
+from those it gets alone, and a disaggregated cluster (batches formed by the decode node) stops
+matching a colocated one (batches formed there). Seen on the CPUs of this project's machines:
+MKL's sgemm (``F.linear`` in fp32) sums 1-3 rows otherwise than 4 or more on an AMD EPYC Zen 4;
+oneDNN sums 1 row (fp32) or 1-2 rows (bf16) otherwise at K = 1536 there, and its bf16 kernels on an
+Intel Sapphire Rapids switch again between 17 and 33 rows.
 
-``pack_linears(model)`` swaps every ``nn.Linear`` of a CPU model for a ``PackedLinear`` that holds the
-reordered weight (the original weights stay reachable through other modules where they are tied,
-e.g. the input embedding). It checks the kernel against ``F.linear`` first and leaves the model
-alone where the kernel is missing or wrong, so a build of torch without oneDNN still runs.
+How (fixed row blocks with per-shape padding found at load; vLLM's batch-invariant mode and SGLang's
+deterministic inference fix one tile configuration for every M on GPUs to the same end):
+  - a product of m <= ROW_BLOCK rows is computed as ``pad[m]`` rows, zeros below the m real ones,
+    where ``pad[m]`` is the fewest rows >= m whose results equal those of a full block (found at
+    load by ``torch_kernel_plan``, per kernel, shape and dtype, and then checked);
+  - a product of more rows with one token per row (a decode step of a big batch) runs in blocks of
+    ROW_BLOCK rows, each padded the same way;
+  - a product with several tokens per row (a prefill: one prompt per forward in this engine) runs as
+    it is: its rows depend on that prompt alone.
+Every decode row is thus computed as in a full block, whatever else is in the batch. ``RowPlan(1,
+(1,))`` (each row alone) is the last resort where no padding makes a kernel invariant.
+
+Kernels (``KERNELS``): "torch" is ``F.linear`` (MKL or oneDNN inside torch, cuBLAS on CUDA); "onednn"
+multiplies by a weight reordered once into oneDNN's blocked layout (CPU only; the library vLLM's
+CPU backend uses; 2-3x faster than MKL for decode-sized products on AMD, slower on Intel in bf16).
+Which one serves each shape is measured at load (``torch_kernel_plan``), never assumed.
 """
 
 from __future__ import annotations
 
+import abc
 import logging
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 log = logging.getLogger(__name__)
-_DTYPES = (torch.float32, torch.bfloat16)
-MIN_ROWS = 3  # products of fewer rows are padded to this many (see PackedLinear.forward) ...
-PAD_MIN_IN_FEATURES = 1024  # ... where K is this large (576 never differed; padding every layer cost ~10 %
-#                             of a batch-1 decode step, these layers alone ~2-3 %)
+ROW_BLOCK = 32  # rows of the reference block; decode products of more rows run in blocks of it
 
 
-def _op():
+@dataclass(frozen=True)
+class RowPlan:
+    """How many rows a product of m rows is computed as: ``pad[m - 1]`` (m <= block), blocks beyond."""
+
+    block: int
+    pad: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.pad) != self.block or any(not m <= p <= self.block for m, p in enumerate(self.pad, 1)):
+            raise ValueError(f"bad row plan: block {self.block}, pad {self.pad}")
+
+    @classmethod
+    def unpadded(cls, block: int = ROW_BLOCK) -> RowPlan:
+        return cls(block, tuple(range(1, block + 1)))
+
+    def describe(self) -> str:
+        if self.block == 1:
+            return "each row alone"
+        padded = [f"{m}->{p}" for m, p in enumerate(self.pad, 1) if p != m]
+        return f"blocks of {self.block}" + (f", pad {' '.join(padded)}" if padded else ", no padding")
+
+
+class LinearKernel(abc.ABC):
+    """``y = x W^T + b`` for 2-D ``x``; built once per layer from its weight. Inference only."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    @abc.abstractmethod
+    def unavailable(cls, dtype: torch.dtype, device: torch.device) -> str | None:
+        """Why this kernel cannot run here (None: it can)."""
+
+    @abc.abstractmethod
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None: ...
+
+    @abc.abstractmethod
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class TorchKernel(LinearKernel):
+    name = "torch"
+
+    @classmethod
+    def unavailable(cls, dtype: torch.dtype, device: torch.device) -> str | None:
+        return None
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.weight = weight  # the layer's own tensor (tied weights stay shared)
+        self.bias = bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def _onednn_ops():
     mkldnn = getattr(torch.ops, "mkldnn", None)
     if mkldnn is None or not torch.backends.mkldnn.is_available():
         return None, None
@@ -37,86 +104,104 @@ def _op():
         return None, None
 
 
-class PackedLinear(torch.nn.Module):
-    """``y = x W^T + b`` with W reordered once for oneDNN. Inference only (no autograd)."""
+class OneDNNKernel(LinearKernel):
+    name = "onednn"
+    _why_not: ClassVar[dict[torch.dtype, str | None]] = {}
 
-    def __init__(self, linear: torch.nn.Linear) -> None:
-        super().__init__()
-        reorder, self._linear = _op()
+    @classmethod
+    def unavailable(cls, dtype: torch.dtype, device: torch.device) -> str | None:
+        if device.type != "cpu":
+            return "oneDNN's prepacked linear runs on the CPU only"
+        if dtype not in (torch.float32, torch.bfloat16):
+            return f"no oneDNN prepacked linear for {dtype}"
+        if dtype not in cls._why_not:
+            cls._why_not[dtype] = cls._probe(dtype)
+        return cls._why_not[dtype]
+
+    @classmethod
+    def _probe(cls, dtype: torch.dtype) -> str | None:
+        """A small product against F.linear in float32: the kernel exists here and computes the right thing."""
+        if _onednn_ops()[0] is None:
+            return "this torch build has no oneDNN linear kernel"
+        gen = torch.Generator().manual_seed(0)
+        w = (torch.randn(40, 48, generator=gen) / 7).to(dtype)
+        b = torch.randn(40, generator=gen).to(dtype)
+        x = torch.randn(5, 48, generator=gen).to(dtype)
+        try:
+            with torch.inference_mode():
+                got = cls(w, b)(x).float()
+        except RuntimeError as exc:  # e.g. bf16 on an AVX2-only CPU: oneDNN refuses the reorder
+            return f"oneDNN refused it: {str(exc).splitlines()[0]}"
+        want = torch.nn.functional.linear(x.float(), w.float(), b.float())
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
+        if got.shape != want.shape or not torch.allclose(got, want, rtol=tol, atol=tol):
+            return "oneDNN's result disagrees with F.linear (a broken build?)"
+        return None
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        reorder, self._linear = _onednn_ops()
         if reorder is None:
             raise RuntimeError("this torch build has no oneDNN linear kernel")
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
-        self._pads_small_products = self.in_features >= PAD_MIN_IN_FEATURES
         with torch.no_grad():
-            w = linear.weight.detach().contiguous()
-            # Kept as plain attributes: an opaque oneDNN tensor is not a parameter anyone should
-            # save, hash or move (the engine fingerprints the weights before packing).
-            self.packed_weight = reorder(w, None)
-            self.bias = None if linear.bias is None else linear.bias.detach().contiguous()
+            # Kept as a plain attribute: an opaque oneDNN tensor is not a parameter anyone should
+            # save, hash or move (the engine fingerprints the weights before the swap).
+            self.packed_weight = reorder(weight.detach().contiguous(), None)
+        self.bias = None if bias is None else bias.detach().contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._linear(x, self.packed_weight, self.bias, "none", [], "")
+
+
+KERNELS: dict[str, type[LinearKernel]] = {k.name: k for k in (OneDNNKernel, TorchKernel)}
+
+
+def kernel_unavailable(name: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> str | None:
+    if name not in KERNELS:
+        return f"unknown linear kernel {name!r}"
+    return KERNELS[name].unavailable(dtype, torch.device(device))
+
+
+class PlannedLinear(torch.nn.Module):
+    """An ``nn.Linear`` replaced by a kernel and the row plan that makes its rows batch-invariant."""
+
+    def __init__(self, in_features: int, out_features: int, kernel: LinearKernel, plan: RowPlan) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.kernel = kernel
+        self.plan = plan
+
+    @classmethod
+    def of(cls, linear: torch.nn.Linear, kernel: str, plan: RowPlan | None = None) -> PlannedLinear:
+        with torch.no_grad():
+            k = KERNELS[kernel](linear.weight, linear.bias)
+        return cls(linear.in_features, linear.out_features, k, plan or RowPlan.unpadded())
+
+    def _rows(self, flat: torch.Tensor) -> torch.Tensor:
+        """At most ``plan.block`` rows, computed as ``pad`` rows."""
+        rows = flat.shape[0]
+        want = self.plan.pad[rows - 1]
+        if want == rows:
+            return self.kernel(flat)
+        padded = torch.cat([flat, flat.new_zeros(want - rows, self.in_features)])
+        return self.kernel(padded)[:rows]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_contiguous():
             x = x.contiguous()
-        if self._pads_small_products:
-            rows = x.numel() // self.in_features
-            if 0 < rows < MIN_ROWS:
-                # oneDNN sums a product of 1 row (fp32) or 1-2 rows (bf16) in another order than one
-                # of more rows (seen at K = 1536, the MLP's down projection); padded, a decode row gets
-                # the same bits alone as in a batch, which keeps disaggregated = colocated when they
-                # batch differently (bf16 parted at token 17 without it). A batch-1 step: ~2-3 % more.
-                flat = x.reshape(rows, self.in_features)
-                padded = torch.cat([flat, flat.new_zeros(MIN_ROWS - rows, self.in_features)])
-                out = self._linear(padded, self.packed_weight, self.bias, "none", [], "")[:rows]
-                return out.reshape(*x.shape[:-1], self.out_features)
-        return self._linear(x, self.packed_weight, self.bias, "none", [], "")
+        rows = x.numel() // self.in_features
+        flat = x.reshape(rows, self.in_features)
+        block = self.plan.block
+        if rows == 0:
+            out = self.kernel(flat)
+        elif rows <= block:
+            out = self._rows(flat)
+        elif x.dim() < 3 or x.shape[-2] == 1:  # one token per row: a decode step of more than a block
+            out = torch.cat([self._rows(flat[i:i + block]) for i in range(0, rows, block)])
+        else:  # a prompt's tokens: its rows depend on that prompt only
+            out = self.kernel(flat)
+        return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, onednn"
-
-
-def kernel_works(dtype: torch.dtype = torch.float32) -> bool:
-    """True when the oneDNN kernel exists here and agrees with ``F.linear`` (shapes of a decode step
-    and of a prefill, with and without bias)."""
-    if _op()[0] is None:
-        return False
-    gen = torch.Generator().manual_seed(0)
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
-    try:
-        for rows, bias in ((1, False), (5, True), (67, False)):
-            lin = torch.nn.Linear(48, 40, bias=bias)
-            with torch.no_grad():
-                lin.weight.copy_(torch.randn(40, 48, generator=gen) / 7)
-                if bias:
-                    lin.bias.copy_(torch.randn(40, generator=gen))
-            lin = lin.to(dtype)
-            x = torch.randn(2, rows, 48, generator=gen).to(dtype)
-            with torch.inference_mode():
-                want = torch.nn.functional.linear(x.float(), lin.weight.float(),
-                                                  None if lin.bias is None else lin.bias.float())
-                got = PackedLinear(lin)(x).float()
-            if got.shape != want.shape or not torch.allclose(got, want, rtol=tol, atol=tol):
-                return False
-    except RuntimeError as exc:
-        log.warning("oneDNN linear kernel failed its check: %s", exc)
-        return False
-    return True
-
-
-def pack_linears(model: torch.nn.Module) -> int:
-    """Swap the model's ``nn.Linear`` modules for ``PackedLinear``; returns how many were swapped
-    (0 where the model is not on the CPU, its dtype is not fp32/bf16, or the kernel fails its check)."""
-    linears = [(name, m) for name, m in model.named_modules() if type(m) is torch.nn.Linear]
-    if not linears:
-        return 0
-    w = linears[0][1].weight
-    if w.device.type != "cpu" or w.dtype not in _DTYPES:
-        return 0
-    if not kernel_works(w.dtype):
-        log.warning("oneDNN linear kernel unavailable or wrong here; keeping torch's F.linear")
-        return 0
-    for name, m in linears:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, PackedLinear(m))
-    return len(linears)
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.kernel.bias is not None}, kernel={self.kernel.name}, {self.plan.describe()}")

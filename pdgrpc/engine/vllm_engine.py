@@ -23,7 +23,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from pdgrpc.engine.registry import EngineOptions
+from pdgrpc.engine.base import EngineOptions
 from pdgrpc.errors import InvalidArgument
 from pdgrpc.types import ModelSpec, Prompt, Role, SamplingParams
 

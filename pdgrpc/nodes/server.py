@@ -17,7 +17,9 @@ import time
 from dataclasses import dataclass, field
 
 from pdgrpc import event_loop, metrics, sdnotify
-from pdgrpc.engine.registry import LINEAR_KERNELS, MKL_DISPATCHES, EngineOptions, build_engine, check_torch_options
+from pdgrpc.engine.base import EngineOptions
+from pdgrpc.engine.registry import build_engine, check_options
+from pdgrpc.engine.torch_options import LINEAR_KERNELS, MKL_DISPATCHES
 from pdgrpc.errors import Unavailable
 from pdgrpc.grpcutil import add_health_and_reflection, new_server, set_serving, wait_for_stop_signal
 from pdgrpc.kvstore.client import KVStoreClient
@@ -59,21 +61,23 @@ class NodeConfig:
             raise ValueError("stream_interval must be >= 1 (tokens per message)")
         if self.kv_lease_s <= 0 or self.grace_s < 0:
             raise ValueError("kv_lease_s must be > 0 and grace_s >= 0")
-        check_torch_options(self.engine, "", ValueError)
+        check_options(self.engine, "", ValueError)
         return self
 
 
 def engine_options_for(cfg: NodeConfig) -> EngineOptions:
-    """Thread count when the operator left it at 0 (auto).
+    """The node's engine options with its ``max_batch`` (kernels are checked up to it) and the
+    thread count when the operator left it at 0 (auto).
 
     Decode is memory-bound: one thread decodes about as fast as two (measured, see README), and a
     decode process with a full OpenMP team stalls a prefill process that shares its cores every
     time it wakes to load KV. So decode takes half the allowed CPUs, prefill and colocated all.
     """
-    if cfg.engine.threads or cfg.role is not Role.DECODE:
-        return cfg.engine
+    opts = dataclasses.replace(cfg.engine, max_batch=cfg.max_batch)
+    if opts.threads or cfg.role is not Role.DECODE:
+        return opts
     allowed = len(os.sched_getaffinity(0))
-    return dataclasses.replace(cfg.engine, threads=max(1, allowed // 2))
+    return dataclasses.replace(opts, threads=max(1, allowed // 2))
 
 
 def pin_cpus(cpus: tuple[int, ...]) -> None:
@@ -93,7 +97,8 @@ async def serve_node(cfg: NodeConfig) -> int:
             raise Unavailable(f"{role} node {cfg.name} is loading its model")
         running = service.requests if isinstance(service, DecodeService) else service.running
         queued = 0 if isinstance(service, DecodeService) else service.queued
-        return NodeInfo(cfg.name, cfg.role, engine.spec, running, queued, cfg.max_requests)
+        return NodeInfo(cfg.name, cfg.role, engine.spec, running, queued, cfg.max_requests,
+                        getattr(engine, "batch_invariant", None), getattr(engine, "engine_detail", ""))
 
     servicer = {Role.PREFILL: PrefillServicer, Role.DECODE: DecodeServicer,
                 Role.COLOCATED: ColocatedServicer}[cfg.role](info)
@@ -117,6 +122,9 @@ async def serve_node(cfg: NodeConfig) -> int:
         engine, service, thread = await build_vllm_service(cfg, store)
     else:
         engine = await asyncio.to_thread(build_engine, engine_options_for(cfg))
+        if engine.batch_invariant is not None and cfg.metrics_port:
+            for r in ("prefill", "decode") if cfg.role is Role.COLOCATED else (role,):
+                metrics.ENGINE_BATCH_INVARIANT.labels(r, cfg.name).set(1 if engine.batch_invariant else 0)
         thread = EngineThread(f"{role}-engine")
         await thread.call(engine.warm_up)
         store = KVStoreClient(cfg.store, token=cfg.store_token or None)
@@ -179,7 +187,8 @@ def add_node_arguments(parser, role: Role) -> None:
                         help="torch engine: prefill prompts longer than this in chunks of it, letting prompts "
                              "that arrive meanwhile in between (0: one forward per prompt)")
     parser.add_argument("--linear-kernel", default="", choices=("", *LINEAR_KERNELS),
-                        help="torch engine on CPU: onednn (prepacked weights, the default) or torch (F.linear)")
+                        help="torch engine: force one linear kernel, onednn (prepacked weights, CPU) or torch "
+                             "(F.linear); default: chosen per weight shape at load, batch-invariant and fastest")
     parser.add_argument("--mkl-dispatch", default="", choices=("", *MKL_DISPATCHES),
                         help="torch engine on x86: features (MKL picks kernels by CPU features, e.g. AVX-512 "
                              "on AMD; the default) or vendor (MKL's own choice)")

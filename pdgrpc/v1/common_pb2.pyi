@@ -200,17 +200,21 @@ class NodeInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("name", "role", "model", "running_requests", "queued_requests", "max_requests")
+    __slots__ = ("name", "role", "model", "running_requests", "queued_requests", "max_requests", "batch_invariant", "engine_detail")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_INVARIANT_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_DETAIL_FIELD_NUMBER: _ClassVar[int]
     name: str
     role: NodeRole
     model: ModelInfo
     running_requests: int
     queued_requests: int
     max_requests: int
-    def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[NodeRole, str]] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., running_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., max_requests: _Optional[int] = ...) -> None: ...
+    batch_invariant: bool
+    engine_detail: str
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[NodeRole, str]] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., running_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., max_requests: _Optional[int] = ..., batch_invariant: _Optional[bool] = ..., engine_detail: _Optional[str] = ...) -> None: ...
