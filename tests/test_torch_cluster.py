@@ -76,8 +76,20 @@ def chunked_clusters(tmp_path_factory):
                              ("--engine", "torch", "--prefill-chunk-tokens", str(CHUNK)))
 
 
+def _assert_nodes_batch_invariant(address: str) -> None:
+    """Every node checked its kernels at load (torch_kernel_plan): where one could not make them
+    batch-invariant on this CPU, say so and what failed instead of comparing tokens by luck."""
+    with Client(address) as client:
+        assert wait_until(lambda: all(n.info is not None for n in client.cluster_status().nodes), 30)
+        nodes = client.cluster_status().nodes
+    assert nodes and all(n.info.batch_invariant for n in nodes), \
+        "; ".join(f"{n.name}: {n.info.engine_detail}" for n in nodes)
+
+
 def _run_all(address: str, prompts: list[list[int]], max_tokens: int = MAX_TOKENS):
-    """All prompts in flight at once, so prefill and decode batching are exercised."""
+    """All prompts in flight at once, so prefill and decode batching are exercised (every node
+    first shown to be batch-invariant)."""
+    _assert_nodes_batch_invariant(address)
     with Client(address) as client, concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
         results = list(pool.map(
             lambda ids: client.complete(token_ids=ids, max_tokens=max_tokens, ignore_eos=True), prompts))
@@ -152,8 +164,8 @@ def bf16_clusters(tmp_path_factory):
 def test_bfloat16_disaggregated_equals_colocated(bf16_clusters, reference):
     """The invariant in bfloat16, all prompts in flight at once, 64 tokens each: the KV crosses as its
     exact bytes, and a decode row gets the same result whatever else is in its batch (the two setups
-    batch differently). Before 1-2-row bf16 products were padded (torch_linear.MIN_ROWS) this parted
-    at token 17."""
+    batch differently). Before 1-2-row bf16 products were padded (now found per shape at load:
+    torch_kernel_plan) this parted at token 17."""
     disagg, coloc = bf16_clusters
     prompts, _ = reference
     got_disagg = [list(r.token_ids) for r in _run_all(disagg.coordinator, prompts, BF16_TOKENS)]

@@ -6,8 +6,8 @@ output head) and the dtype it serves, ``plan_linears``:
   2. finds the row padding that makes it invariant (``discover_plan``: which product sizes of up to
      ROW_BLOCK rows sum a row as a full block does) and then *checks* it on the layer's own weights
      (``first_difference``): a row's result must be bit-identical in products of every size from 1
-     to ``max_batch`` rows, at shifting positions, to the same row computed alone; a kernel that
-     fails even so is tried with each row alone, and one that fails that too is rejected;
+     to ``max_batch`` rows, at shifting positions, to the same row in a larger product; a kernel
+     that fails even so is tried with each row alone, and one that fails that too is rejected;
   3. times the kernels that passed (a decode step of 1 and of 8 rows, a 128-token prefill; the
      output head only ever sees decode-sized products) and keeps the fastest, by the sum of each
      regime's time over the best one's;
@@ -48,6 +48,14 @@ from pdgrpc.engine.torch_options import LINEAR_KERNELS
 log = logging.getLogger(__name__)
 PLAN_FORMAT = 1
 EXTRA_ROWS = 9  # rows beyond max_batch in the check's input: windows start at shifting positions
+# Outputs compared per product size, at least. In bf16 a sum taken in another order differs from the
+# first only where its fp32 value lies near a bf16 rounding step: ~1 output in 1,000-2,000 at K = 1536
+# (measured: a 3-row product agreed with 1 row on one 32 x 576 sample, not on another), so a few
+# rows are not enough; 65,536 outputs find such a kernel with near certainty.
+CHECK_VALUES = 1 << 16
+# The row counts a product may be padded to (so at most these sizes reach the kernel; padding costs
+# at most a quarter more rows); a full block is always among them.
+PAD_SIZES = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64)
 TIMING_REPS = 5
 
 
@@ -107,24 +115,42 @@ class KernelReport:
 
 # ---- checks -----------------------------------------------------------------------------------
 
+def _windows(n: int, m: int, n_out: int, first: int) -> list[int]:
+    """Start rows of the m-row windows compared for one product size: enough of them that
+    CHECK_VALUES outputs are compared, at offsets that move the rows within their blocks."""
+    count = max(1, -(-CHECK_VALUES // (m * n_out)))
+    return [(first + j * m) % (n - m + 1) for j in range(count)]
+
+
+def _differing_rows(got: torch.Tensor, want: torch.Tensor) -> list[int]:
+    return (got != want).reshape(got.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
+
+
 def discover_plan(kernel: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, block: int = ROW_BLOCK) -> RowPlan:
-    """Pad each product of m <= block rows up to the fewest rows whose results equal a full block's."""
-    full = kernel(x[:block])
-    agree = [torch.equal(kernel(x[:m]), full[:m]) for m in range(1, block)] + [True]
-    return RowPlan(block, tuple(next(q for q in range(m, block + 1) if agree[q - 1]) for m in range(1, block + 1)))
+    """Pad each product of m <= block rows up to the fewest rows among PAD_SIZES whose results equal
+    those of full blocks (fewer distinct sizes: a shorter check, and fewer kernels for oneDNN to build).
+    ``x``: [n, K] with n a multiple of ``block``."""
+    n = x.shape[0]
+    ref = torch.cat([kernel(x[i:i + block]) for i in range(0, n, block)])
+    sizes = [q for q in PAD_SIZES if q < block]
+    agree = [q for q in sizes if all(torch.equal(kernel(x[s:s + q]), ref[s:s + q])
+                                     for s in _windows(n, q, ref.shape[1], 0))] + [block]
+    return RowPlan(block, tuple(next(q for q in agree if q >= m) for m in range(1, block + 1)))
 
 
 def first_difference(layer: torch.nn.Module, x: torch.Tensor, max_batch: int) -> str | None:
     """None when every row of products of 1 to ``max_batch`` rows (decode-shaped, [rows, 1, K], at
-    shifting offsets in ``x``) equals the same row computed alone, bit for bit; else what differed."""
+    shifting offsets in ``x``) equals, bit for bit, the same row in the product of all of ``x``;
+    else what differed. (Every size agreeing with one reference: all agree, 1-row products too.)"""
     n = x.shape[0]
-    alone = torch.cat([layer(x[i:i + 1]) for i in range(n)])
+    ref = layer(x)
+    n_out = ref.shape[-1]
     for m in range(1, max_batch + 1):
-        s = (5 * m) % (n - m + 1)
-        got = layer(x[s:s + m])
-        if not torch.equal(got, alone[s:s + m]):
-            rows = (got != alone[s:s + m]).reshape(m, -1).any(dim=1).nonzero().flatten().tolist()
-            return f"in a {m}-row product, {len(rows)} row(s) (first: row {rows[0]}) differ from the row alone"
+        for s in _windows(n, m, n_out, 5 * m):
+            rows = _differing_rows(layer(x[s:s + m]), ref[s:s + m])
+            if rows:
+                return (f"in a {m}-row product, {len(rows)} row(s) (first: row {rows[0]}) differ from the same "
+                        f"row in a product of {n} rows")
     return None
 
 
@@ -141,8 +167,10 @@ def wrong_result(layer: torch.nn.Module, linear: torch.nn.Linear, x: torch.Tenso
 
 
 def _inputs(n_in: int, rows: int, dtype: torch.dtype, device: torch.device, seed: int) -> torch.Tensor:
+    """Normal values, each row scaled by its own factor in [1/8, 8] (activations differ in scale)."""
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(rows, 1, n_in, generator=gen).to(dtype=dtype, device=device)
+    scale = torch.exp2(torch.rand(rows, 1, 1, generator=gen) * 6 - 3)
+    return (torch.randn(rows, 1, n_in, generator=gen) * scale).to(dtype=dtype, device=device)
 
 
 def check_layer(linear: torch.nn.Linear, kernel: str, max_batch: int,
@@ -150,7 +178,9 @@ def check_layer(linear: torch.nn.Linear, kernel: str, max_batch: int,
     """(the planned layer, None) when ``kernel`` with ``plan`` (found here when None) is right and
     batch-invariant for this layer; (None, why) when it is not, even with each row alone."""
     w = linear.weight
-    x = _inputs(linear.in_features, max(max_batch, ROW_BLOCK) + EXTRA_ROWS, w.dtype, w.device, linear.in_features)
+    rows = max(max_batch, ROW_BLOCK) + EXTRA_ROWS + -(-CHECK_VALUES // linear.out_features)
+    rows = -(-rows // ROW_BLOCK) * ROW_BLOCK
+    x = _inputs(linear.in_features, rows, w.dtype, w.device, linear.in_features)
     try:
         with torch.inference_mode():
             k = KERNELS[kernel](w, linear.bias)

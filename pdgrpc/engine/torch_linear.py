@@ -58,8 +58,11 @@ class RowPlan:
     def describe(self) -> str:
         if self.block == 1:
             return "each row alone"
-        padded = [f"{m}->{p}" for m, p in enumerate(self.pad, 1) if p != m]
-        return f"blocks of {self.block}" + (f", pad {' '.join(padded)}" if padded else ", no padding")
+        small = [f"{m}->{p}" for m, p in enumerate(self.pad[:8], 1) if p != m]
+        large = sorted({p for m, p in enumerate(self.pad, 1) if m > 8 and p != m})
+        parts = ([f"pad {' '.join(small)}"] if small else []) + (
+            [f"products of 9+ rows padded to {'/'.join(map(str, large))}"] if large else [])
+        return f"blocks of {self.block}, " + (", ".join(parts) or "no padding")
 
 
 class LinearKernel(abc.ABC):
