@@ -217,6 +217,12 @@ def test_openai_sdk_completions_text_ids_lists_n_and_logprobs(cluster, sdk):
     assert [c.index for c in many.choices] == [0, 1, 2, 3]
     assert [c.text for c in many.choices] == [mock_reference("Hello there", 6)[1]] * 2 + [mock_reference("x", 6)[1]] * 2
     assert many.usage.completion_tokens == 24
+    texts: dict[int, str] = {}
+    for chunk in sdk.completions.create(model="mock", prompt=["Hello there", "x"], n=2, max_tokens=6, temperature=0,
+                                        stream=True):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+    assert texts == {i: c.text for i, c in enumerate(many.choices)}
     with Client(cluster.coordinator) as grpc_client:
         ids = grpc_client.complete("Hello there", max_tokens=3).final
     by_ids = sdk.completions.create(model="mock", prompt=[7, 8, 9], max_tokens=5, temperature=0)

@@ -214,8 +214,9 @@ class Responder:
     # ---- whole answers ----
 
     def usage(self) -> m.Usage:
-        finals = [c.final for c in self.choices if c.final is not None]
-        prompt = sum(f.prompt_tokens for i, f in enumerate(finals) if i % self.n_per_prompt == 0)
+        # Each prompt counts once, however many choices it has (as OpenAI counts it).
+        prompt = sum(c.final.prompt_tokens for c in self.choices
+                     if c.final is not None and c.index % self.n_per_prompt == 0)
         completion = sum(c.n_tokens for c in self.choices)
         return m.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
