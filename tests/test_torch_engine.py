@@ -894,3 +894,20 @@ if given is not None:
 else:
     def test_drawn_batches_decode_every_sequence_as_alone():
         pytest.skip("hypothesis is not installed")
+
+
+def test_warm_up_checks_the_whole_decode_step_for_batch_invariance():
+    """Beyond the linear layers: a decode step whose result depends on the batch anywhere (here the
+    output head, scaled by the batch size) is caught at warm-up and reported, not served by luck."""
+    engine = tiny_engine()
+    try:
+        engine.warm_up()
+        assert engine.batch_invariant and engine.check_batched_decode() is None
+        head = engine.model.lm_head
+        plain = head.forward
+        head.forward = lambda x: plain(x) * (1 + 1e-3 * x.shape[0])
+        engine.warm_up()
+        assert engine.batch_invariant is False
+        assert "NOT batch-invariant as a whole" in engine.engine_detail and "alone" in engine.engine_detail
+    finally:
+        engine.close()

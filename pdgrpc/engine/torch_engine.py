@@ -373,25 +373,58 @@ class TorchEngine(Engine):
             raise InvalidArgument(f"token id {bad} outside the vocabulary [0, {v})")
 
     def warm_up(self) -> None:
+        """One prefill and decode step, then the whole model's batch invariance (``check_batched_decode``)."""
+        self._decode_alone_and_batched([8], steps=1)
+        why = self.check_batched_decode()
+        if why is not None:
+            self.batch_invariant = False
+            self.engine_detail = f"{self.engine_detail}; NOT batch-invariant as a whole: {why}"
+            log.warning("decode steps are NOT batch-invariant here: %s", why)
+        else:
+            log.info("decode steps checked batch-invariant as a whole: a sequence's tokens and logprobs "
+                     "alone equal those in a batch of sequences of other lengths")
+
+    def check_batched_decode(self) -> str | None:
+        """Beyond the linear layers (checked at load): sequences of 5, 17 and 40 tokens decoded two
+        steps alone, then together, must get the same tokens and logprobs to the bit: attention,
+        norms and sampling included, on whatever device. None when they do, else what differed."""
+        lengths = [5, 17, 40]
+        alone = [self._decode_alone_and_batched([n], steps=2)[0] for n in lengths]
+        together = self._decode_alone_and_batched(lengths, steps=2)
+        for n, a, b in zip(lengths, alone, together):
+            if a != b:
+                return f"a {n}-token sequence decoded {a} alone, {b} beside sequences of other lengths"
+        return None
+
+    def _decode_alone_and_batched(self, lengths: list[int], steps: int) -> list[list[tuple[int, float]]]:
+        """Prefill prompts of these lengths, decode them in one batch for ``steps``; (token, logprob) each."""
         from pdgrpc.types import SamplingParams
 
-        ids = [(1 + 37 * i) % self.spec.vocab_size for i in range(8)]
-        sampling = SamplingParams(max_tokens=2)
-        groups, first = [], None
-        for _, item in self.prefill([PrefillWork("warm-up", ids, sampling)]):
-            if isinstance(item, KVGroup):
-                groups.append(item)
-            elif item is not None:  # None: a chunk boundary
-                first = item
-        assert first is not None
-        seq = self.begin_sequence(DecodeWork("warm-up", ids, sampling))
+        sampling = SamplingParams(max_tokens=steps + 1, ignore_eos=True)
+        seqs = []
         try:
-            for g in groups:
-                self.load_kv(seq, g)
-            self.start_decoding(seq, first.token_id)
-            self.decode_step([seq])
+            for j, n in enumerate(lengths):
+                ids = [(1 + 37 * i + 101 * n) % self.spec.vocab_size for i in range(n)]  # same prompt alone or not
+                groups, first = [], None
+                for _, item in self.prefill([PrefillWork(f"check-{j}", ids, sampling)]):
+                    if isinstance(item, KVGroup):
+                        groups.append(item)
+                    elif item is not None:  # None: a chunk boundary
+                        first = item
+                assert first is not None
+                seq = self.begin_sequence(DecodeWork(f"check-{j}", ids, sampling))
+                seqs.append(seq)
+                for g in groups:
+                    self.load_kv(seq, g)
+                self.start_decoding(seq, first.token_id)
+            out: list[list[tuple[int, float]]] = [[] for _ in seqs]
+            for _ in range(steps):
+                for o, t in zip(out, self.decode_step(seqs)):
+                    o.append((t.token_id, t.logprob))
+            return out
         finally:
-            self.free_sequence(seq)
+            for seq in seqs:
+                self.free_sequence(seq)
 
     # ---- prefill --------------------------------------------------------------------------
 

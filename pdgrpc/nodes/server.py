@@ -122,11 +122,11 @@ async def serve_node(cfg: NodeConfig) -> int:
         engine, service, thread = await build_vllm_service(cfg, store)
     else:
         engine = await asyncio.to_thread(build_engine, engine_options_for(cfg))
+        thread = EngineThread(f"{role}-engine")
+        await thread.call(engine.warm_up)  # the torch engine also checks its decode steps' batch invariance
         if engine.batch_invariant is not None and cfg.metrics_port:
             for r in ("prefill", "decode") if cfg.role is Role.COLOCATED else (role,):
                 metrics.ENGINE_BATCH_INVARIANT.labels(r, cfg.name).set(1 if engine.batch_invariant else 0)
-        thread = EngineThread(f"{role}-engine")
-        await thread.call(engine.warm_up)
         store = KVStoreClient(cfg.store, token=cfg.store_token or None)
         prefill = PrefillService(cfg.name, engine, thread, store,
                                  PrefillLimits(cfg.max_requests, cfg.batch_token_budget, cfg.kv_lease_s))
