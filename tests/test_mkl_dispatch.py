@@ -12,20 +12,12 @@ import sys
 import pytest
 import torch
 
-from pdgrpc.engine import mkl_dispatch
+from pdgrpc.engine import cpuinfo, mkl_dispatch
 
 pytestmark = pytest.mark.fast
 
 
-def _cpu_flags() -> set[str]:
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    return set()
-
-
-AMD_WITH_AVX512 = mkl_dispatch.cpu_vendor() == "AuthenticAMD" and "avx512f" in _cpu_flags()
+AMD_WITH_AVX512 = mkl_dispatch.cpu_vendor() == "AuthenticAMD" and "avx512f" in cpuinfo.flags()
 needs_amd_avx512 = pytest.mark.skipif(not AMD_WITH_AVX512, reason="needs an AMD CPU with AVX-512")
 
 # Builds the torch engine as a node does (registry.build_engine), then one MKL product under MKL_VERBOSE.

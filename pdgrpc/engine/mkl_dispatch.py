@@ -28,6 +28,8 @@ import logging
 import platform
 import sys
 
+from pdgrpc.engine import cpuinfo
+
 log = logging.getLogger(__name__)
 SHIM = "pdgrpc.native.mkl_feature_dispatch"
 _state = {"enabled": False}
@@ -35,14 +37,7 @@ _state = {"enabled": False}
 
 def cpu_vendor() -> str:
     """The CPU vendor string (``GenuineIntel``, ``AuthenticAMD``, ...) or "" where unknown."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    return cpuinfo.vendor()
 
 
 def shim_path() -> str:

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from pdgrpc.engine import mkl_dispatch
+from pdgrpc.engine import cpuinfo, mkl_dispatch
 from pdgrpc.engine.torch_linear import KERNELS, ROW_BLOCK, PlannedLinear, RowPlan, kernel_unavailable
 from pdgrpc.engine.torch_options import LINEAR_KERNELS
 
@@ -238,31 +238,9 @@ def fastest(timings: dict[str, dict[str, float]]) -> str:
 
 # ---- the machine, bf16, the cache ------------------------------------------------------------
 
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 def bf16_instructions() -> list[str]:
     """The CPU's bf16 instructions oneDNN uses (empty: bf16 is emulated in fp32 arithmetic)."""
-    flags = cpu_flags()
+    flags = cpuinfo.flags()
     names = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16", "avx_ne_convert": "AVX-NE-CONVERT"}
     return [label for flag, label in names.items() if flag in flags]
 
@@ -294,9 +272,9 @@ def plan_dir() -> str | None:
 
 def plan_key(dtype: torch.dtype, device: torch.device, shapes: list[str], forced: str) -> str:
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    key = {"format": PLAN_FORMAT, "torch": torch.__version__, "device": dev, "cpu": cpu_model(),
+    key = {"format": PLAN_FORMAT, "torch": torch.__version__, "device": dev, "cpu": cpuinfo.model(),
            "isa": torch.backends.cpu.get_cpu_capability(),
-           "flags": hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:16],
+           "flags": hashlib.sha256(" ".join(sorted(cpuinfo.flags())).encode()).hexdigest()[:16],
            "mkl_dispatch": mkl_dispatch.enabled(), "dtype": str(dtype), "shapes": sorted(shapes),
            "block": ROW_BLOCK, "forced": forced}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
@@ -393,7 +371,7 @@ def plan_linears(model: torch.nn.Module, max_batch: int, forced: str = "") -> Ke
             report, swaps = _from_cache(cached, by_shape, max_batch)
         if report is None:
             report, swaps = _measure(by_shape, candidates, max_batch, head, forced)
-            report.cpu = cpu_model()
+            report.cpu = cpuinfo.model()
             if device.type == "cpu":
                 n_in, n_out = max((m.in_features, m.out_features) for ms in by_shape.values() for m in ms
                                   if m is not head)
