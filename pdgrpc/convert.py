@@ -126,6 +126,7 @@ def descriptor_to_pb(d: t.KVDescriptor) -> c_pb.KVDescriptor:
         ),
         size_bytes=d.size_bytes, crc32=d.crc32, lease_expiry_unix=d.lease_expiry_unix, shm_name=d.shm_name,
         group_index=d.group_index, shm_offset=d.shm_offset,
+        transfer_endpoint=d.transfer_endpoint, transfer_address=d.transfer_address,
     )
 
 
@@ -142,6 +143,7 @@ def descriptor_from_pb(m: c_pb.KVDescriptor) -> t.KVDescriptor:
         ),
         size_bytes=m.size_bytes, crc32=m.crc32, lease_expiry_unix=m.lease_expiry_unix, shm_name=m.shm_name,
         device_index=m.device_index, group_index=m.group_index, shm_offset=m.shm_offset,
+        transfer_endpoint=m.transfer_endpoint, transfer_address=m.transfer_address,
     )
 
 

@@ -61,6 +61,9 @@ KV_TRANSFER_BYTES = Counter("pdgrpc_kv_transfer_bytes_total", "KV bytes moved", 
 KV_TRANSFER_BANDWIDTH = Histogram("pdgrpc_kv_transfer_bandwidth_bytes_per_second",
                                   "Effective bandwidth of one KV publish or fetch (bytes / its seconds)",
                                   ["role", "phase"], buckets=_BANDWIDTH_BUCKETS)
+KV_FETCH_PATH = Counter("pdgrpc_kv_fetch_path_bytes_total",
+                        "KV bytes decode fetched, by transfer path (shm, http, cuda_ipc, mooncake: pdgrpc.transfer)",
+                        ["role", "path"])
 KV_TRANSFER_FAILURES = Counter("pdgrpc_kv_transfer_failures_total", "KV hand-offs that failed", ["role", "reason"])
 
 # ---- nodes ----

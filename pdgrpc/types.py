@@ -151,6 +151,8 @@ class KVDescriptor:
     device_index: int = 0
     group_index: int = 0
     shm_offset: int = 0  # where in shm_name when that is an arena
+    transfer_endpoint: str = ""  # "ip:rpc_port" of the owning store's transfer engine (pdgrpc.transfer.mooncake)
+    transfer_address: int = 0  # the bytes' address in that store's registered memory
 
     def replace(self, **changes) -> "KVDescriptor":
         return dataclasses.replace(self, **changes)

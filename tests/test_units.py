@@ -235,7 +235,7 @@ def test_only_servicers_and_convert_import_pb2_messages():
                                     {"dtype": "float32", "storage": "typed", "size": ["x"]}])
 def test_malformed_cuda_ipc_handles_are_invalid_not_fatal(handle):
     pytest.importorskip("torch")
-    from pdgrpc.kvstore.cuda_ipc import open_handle
+    from pdgrpc.transfer.cuda_ipc import open_handle
 
     with pytest.raises(InvalidArgument, match="cuda_ipc"):
         open_handle(handle)
@@ -243,7 +243,7 @@ def test_malformed_cuda_ipc_handles_are_invalid_not_fatal(handle):
 
 def test_cuda_ipc_refuses_cpu_tensors():
     torch = pytest.importorskip("torch")
-    from pdgrpc.kvstore.cuda_ipc import export_handle
+    from pdgrpc.transfer.cuda_ipc import export_handle
 
     with pytest.raises(InvalidArgument, match="CUDA"):
         export_handle(torch.zeros(4))

@@ -74,13 +74,18 @@ class PutResult:
     lease_expiry_unix: float
     shm_name: str  # "" unless the bytes went through a shared-memory segment or arena
     shm_offset: int = 0  # where in the arena (0 for a segment of its own)
+    transfer_endpoint: str = ""  # the store's transfer engine, when it registered the arena with one
+    transfer_address: int = 0  # the region's address in the store's registered memory
 
 
 class _WriterArena:
     """This client's arena: its writable mapping and the regions it handed out."""
 
-    def __init__(self, name: str, size: int, mapping: mmap.mmap) -> None:
+    def __init__(self, name: str, size: int, mapping: mmap.mmap, transfer: dict | None = None) -> None:
         self.name, self.size, self.mapping = name, size, mapping
+        # The store registered the arena with its transfer engine (pdgrpc.transfer.mooncake): where.
+        self.transfer_endpoint = str((transfer or {}).get("endpoint", ""))
+        self.transfer_base = int((transfer or {}).get("address", 0))
         self.regions = arenas.RegionAllocator(size)
         self.view = memoryview(mapping)
         self.addr = _address(self.view)  # to recognise a buffer that is one of our reservations
@@ -144,6 +149,7 @@ class KVStoreClient:
         if token and any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in token):
             raise InvalidArgument("kv store token must not contain control characters")
         self._token = token
+        self.token = token  # peer stores' clients are made with it (pdgrpc.transfer)
         self._use_shm = use_shm
         self.shm_min_bytes = shm_min_bytes
         self.shm_arena_bytes = shm_arena_bytes
@@ -270,7 +276,9 @@ class KVStoreClient:
             raise
         arena.regions.committed(offset, answer)
         return PutResult(key=answer["key"], size=int(answer["size"]), crc32=crc, location=answer["location"],
-                         lease_expiry_unix=float(answer["lease_expiry_unix"]), shm_name=arena.name, shm_offset=offset)
+                         lease_expiry_unix=float(answer["lease_expiry_unix"]), shm_name=arena.name, shm_offset=offset,
+                         transfer_endpoint=arena.transfer_endpoint,
+                         transfer_address=arena.transfer_base + offset if arena.transfer_endpoint else 0)
 
     async def _arena_work(self, work: shm.SplitCrc, size: int) -> int:
         """``work.run()`` (a copy or check of arena bytes): on this thread up to inline_max_bytes (the
@@ -306,7 +314,7 @@ class KVStoreClient:
             body = await self._call("POST", "/v1/shm/arenas", {"size": self.shm_arena_bytes})
             name, size = body["arena"], int(body["size"])
             mapping = await asyncio.to_thread(arenas.map_arena, name, writable=True)
-            self._arena = _WriterArena(name, size, mapping)
+            self._arena = _WriterArena(name, size, mapping, body.get("transfer"))
         except (PdgrpcError, KeyError, TypeError, ValueError) as exc:
             log.warning("kv store %s: no shm arena (%s); one segment per put for %gs",
                         self.address, exc, _ARENA_RETRY_S)

@@ -1,13 +1,16 @@
 """What a decode node checks before it fetches anything, shared by every engine's decode service.
 
-A descriptor must belong to the stream's request, name this node's store, come from the same model
-(fingerprint, dtype, geometry) in a known block layout, cover exactly the prompt's tokens within the
-model's layers, have the size its layout implies, sit in a location this node can read, and name a
-pdgrpc shared-memory segment if any. Errors carry the status a caller can act on: FAILED_PRECONDITION
+A descriptor must belong to the stream's request, name this node's store (or a peer store it may
+read: another host's), come from the same model (fingerprint, dtype, geometry) in a known block
+layout, cover exactly the prompt's tokens within the model's layers, have the size its layout
+implies, sit in a location this node can read, and name a pdgrpc shared-memory segment if any.
+Errors carry the status a caller can act on: FAILED_PRECONDITION
 for "wrong model, layout, store or location", INVALID_ARGUMENT for inconsistent descriptors.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from pdgrpc.errors import FailedPrecondition, InvalidArgument
 from pdgrpc.kvstore.arena import ALIGN as ARENA_ALIGN
@@ -31,15 +34,16 @@ def check_decode_start(start: DecodeStart, spec: ModelSpec) -> None:
 
 
 def check_descriptor(d: KVDescriptor, start: DecodeStart, spec: ModelSpec, store_address: str, seen: set[int],
-                     *, gpu: bool = False) -> None:
+                     *, gpu: bool = False, store_allowed: Callable[[str], bool] | None = None) -> None:
     """Raise unless ``d`` can be fetched into this node; record its group index in ``seen``.
-    ``gpu``: the node runs on CUDA and can open KV held in GPU memory (location ``device``)."""
+    ``gpu``: the node runs on CUDA and can open KV held in GPU memory (location ``device``).
+    ``store_allowed``: which other stores (other hosts') this node may read from (none by default)."""
     lay = d.layout
     if d.request_id != start.request_id:
         raise InvalidArgument(f"descriptor of request {d.request_id!r} on the stream of {start.request_id!r}")
     if not d.key:
         raise InvalidArgument("descriptor has no key")
-    if d.store_address != store_address:
+    if d.store_address != store_address and not (store_allowed is not None and store_allowed(d.store_address)):
         raise FailedPrecondition(f"descriptor names store {d.store_address!r}; this node uses {store_address}")
     if lay.model_fingerprint != spec.fingerprint:
         raise FailedPrecondition(

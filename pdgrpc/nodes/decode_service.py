@@ -22,10 +22,10 @@ from pdgrpc.engine.base import DecodeWork, Engine, KVGroup
 from pdgrpc.engine.output import OutputTracker
 from pdgrpc.errors import DataLoss, InvalidArgument, NotFound, PdgrpcError, ResourceExhausted
 from pdgrpc.kvstore.client import KVStoreClient
-from pdgrpc.kvstore.cuda_ipc import fetch_device_group
 from pdgrpc.nodes.checks import check_decode_start, check_descriptor
 from pdgrpc.nodes.decode_scheduler import DecodeScheduler
 from pdgrpc.nodes.engine_thread import EngineThread
+from pdgrpc.transfer.base import TransferContext, Transfers
 from pdgrpc.types import (
     DecodeEvent,
     DecodeFinished,
@@ -58,12 +58,14 @@ class _KVComplete:
 
 class DecodeService:
     def __init__(self, node: str, engine: Engine, thread: EngineThread, store: KVStoreClient,
-                 limits: DecodeLimits) -> None:
+                 limits: DecodeLimits, transfers: Transfers | None = None) -> None:
         self.node = node
         self.engine = engine
         self.thread = thread
         self.store = store
         self.limits = limits
+        # How KV bytes get here (pdgrpc.transfer): shm from this host's store, HTTP or Mooncake from peers'.
+        self.transfers = transfers if transfers is not None else Transfers(TransferContext(store))
         self.scheduler = DecodeScheduler(node, engine, thread, limits.max_batch)
         self.requests = 0
 
@@ -72,6 +74,7 @@ class DecodeService:
 
     async def stop(self) -> None:
         await self.scheduler.stop()
+        await self.transfers.close()
 
     def _on_cuda(self) -> bool:
         return str(getattr(self.engine, "device", "cpu")).startswith("cuda")
@@ -80,7 +83,8 @@ class DecodeService:
         check_decode_start(start, self.engine.spec)
 
     def _check_descriptor(self, d: KVDescriptor, start: DecodeStart, seen: set[int]) -> None:
-        check_descriptor(d, start, self.engine.spec, self.store.address, seen, gpu=self._on_cuda())
+        check_descriptor(d, start, self.engine.spec, self.store.address, seen, gpu=self._on_cuda(),
+                         store_allowed=self.transfers.ctx.allowed)
 
     async def decode(self, inputs: AsyncIterator[DecodeInput]) -> AsyncIterator[DecodeEvent]:
         first = await anext(inputs, None)
@@ -95,7 +99,7 @@ class DecodeService:
         ids = list(first.prompt_token_ids)
         seq = None
         events: asyncio.Queue = asyncio.Queue()
-        unreleased: set[str] = set()
+        unreleased: dict[str, KVDescriptor] = {}
         reader: asyncio.Task | None = None
         try:
             seq = await self.thread.call(self.engine.begin_sequence,
@@ -120,8 +124,8 @@ class DecodeService:
             if seq is not None:
                 metrics.KV_HELD.free("decode", self.node, seq)  # metrics
                 await self.thread.call(self.engine.free_sequence, seq)
-            for key in unreleased:  # KV never loaded (cancel, error): nobody will fetch it now
-                self.store.release_soon(key)
+            for d in unreleased.values():  # KV never loaded (cancel, error): nobody will fetch it now
+                self.transfers.release(d)
 
     async def run_sequence(self, seq: object, prompt_ids: list[int], sampling, first_token_id: int
                            ) -> AsyncIterator[TokenOut | DecodeFinished]:
@@ -165,7 +169,7 @@ class DecodeService:
             metrics.KV_HELD.free("decode", self.node, seq)  # metrics: also ends colocated sequences
 
     async def _read_inputs(self, inputs: AsyncIterator[DecodeInput], start: DecodeStart, seq: object,
-                           events: asyncio.Queue, unreleased: set[str]) -> None:
+                           events: asyncio.Queue, unreleased: dict[str, KVDescriptor]) -> None:
         """Fetch each descriptor as it arrives; report _KVComplete once all are loaded."""
         fetches: list[asyncio.Task] = []
         seen: set[int] = set()
@@ -173,7 +177,7 @@ class DecodeService:
             async for msg in inputs:
                 if isinstance(msg, KVDescriptor):
                     self._check_descriptor(msg, start, seen)
-                    unreleased.add(msg.key)
+                    unreleased[msg.key] = msg
                     fetches.append(asyncio.create_task(self._fetch(msg, seq, events, unreleased)))
                 elif isinstance(msg, DecodeKVDone):
                     await asyncio.gather(*fetches)
@@ -196,18 +200,19 @@ class DecodeService:
         if not 0 <= done.first_token_id < self.engine.spec.vocab_size:
             raise InvalidArgument(f"first token id {done.first_token_id} outside the vocabulary")
 
-    async def _fetch(self, d: KVDescriptor, seq: object, events: asyncio.Queue, unreleased: set[str]) -> None:
+    async def _fetch(self, d: KVDescriptor, seq: object, events: asyncio.Queue,
+                     unreleased: dict[str, KVDescriptor]) -> None:
         t0 = time.monotonic()
         lay = d.layout
         layers, tokens = (lay.layer_start, lay.layer_end), (lay.token_start, lay.token_end)
         dst = self.engine.kv_destination(seq, layers, tokens, d.size_bytes) if d.location != "device" else None
         try:
+            path = self.transfers.select(d)
             if dst is not None:
                 # Straight into the engine's cache: one pass copies and checks the CRC, on the store
-                # client's threads, instead of a verify pass and a copy on the engine's thread.
+                # client's threads (or one network read, then that pass), not on the engine's thread.
                 try:
-                    await self.store.get_into(d.key, dst, shm_name=d.shm_name, size=d.size_bytes, crc32=d.crc32,
-                                              shm_offset=d.shm_offset)
+                    await path.read_into(d, dst)
                 except asyncio.CancelledError:
                     # The copy may still run on a store thread: no kv_written, so the engine never hands
                     # this buffer to another sequence (it is freed once the copy lets go of it).
@@ -217,16 +222,14 @@ class DecodeService:
                     raise
                 self.engine.kv_written(seq, layers, tokens, True)
                 data = None
-            elif d.location == "device":  # CUDA IPC: the producer's GPU tensor, copied GPU to GPU on load
-                data = await fetch_device_group(self.store, d.key, d.size_bytes)
             else:
-                # Same host: a zero-copy view of the arena region; load_kv copies it into our cache
-                # before the release below lets the writer reuse the region.
-                data = await self.store.get(d.key, shm_name=d.shm_name, size=d.size_bytes, crc32=d.crc32,
-                                            shm_offset=d.shm_offset)
+                # CUDA IPC: the producer's GPU tensor, copied GPU to GPU on load. Same host: a zero-copy
+                # view of the arena region; load_kv copies it into our cache before the release below
+                # lets the writer reuse the region.
+                data = await path.read(d)
         except NotFound:
             metrics.KV_TRANSFER_FAILURES.labels("decode", "not_found").inc()
-            raise NotFound(f"KV key {d.key!r} not found in store {self.store.address}") from None
+            raise NotFound(f"KV key {d.key!r} not found in store {d.store_address}") from None
         except DataLoss:
             metrics.KV_TRANSFER_FAILURES.labels("decode", "checksum").inc()
             raise
@@ -237,9 +240,10 @@ class DecodeService:
             await self.thread.call(self.engine.load_kv, seq,
                                    KVGroup(lay.layer_start, lay.layer_end, lay.token_start, lay.token_end, data))
         metrics.observe_kv_transfer("decode", "fetch", time.monotonic() - t0, d.size_bytes)
+        metrics.KV_FETCH_PATH.labels("decode", path.name).inc(d.size_bytes)
         metrics.KV_HELD.add("decode", self.node, seq, d.size_bytes)  # metrics: KV now in this node's cache
         events.put_nowait(KVLoaded(d.group_index, d.size_bytes))
         # Loaded into our cache: the store's copy has served its purpose. Released in the background:
         # a store round trip the first decode step need not wait for.
-        unreleased.discard(d.key)
-        self.store.release_soon(d.key)
+        unreleased.pop(d.key, None)
+        path.release(d)

@@ -26,8 +26,8 @@ from pdgrpc.engine.base import Engine, KVGroup, PrefillWork, SampledToken
 from pdgrpc.engine.output import OutputTracker
 from pdgrpc.errors import Internal, InvalidArgument, PdgrpcError, ResourceExhausted
 from pdgrpc.kvstore.client import KVStoreClient
-from pdgrpc.kvstore.cuda_ipc import DeviceExports
 from pdgrpc.nodes.engine_thread import EngineThread
+from pdgrpc.transfer.cuda_ipc import DeviceExports
 from pdgrpc.types import (
     REQUEST_ID_RE,
     FinishReason,
@@ -222,8 +222,8 @@ class PrefillService:
             layout=KVLayout(spec.fingerprint, spec.dtype, group.layer_start, group.layer_end, group.token_start,
                             group.token_end, spec.num_kv_heads, spec.head_dim),
             size_bytes=put.size, crc32=put.crc32, lease_expiry_unix=put.lease_expiry_unix, shm_name=put.shm_name,
-            shm_offset=put.shm_offset,
-            group_index=index,
+            shm_offset=put.shm_offset, transfer_endpoint=put.transfer_endpoint,
+            transfer_address=put.transfer_address, group_index=index,
         )
 
     async def _publish_device(self, request_id: str, key: str, index: int, group: KVGroup, lease_s: float,

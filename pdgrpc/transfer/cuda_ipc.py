@@ -24,6 +24,8 @@ import logging
 from typing import Any
 
 from pdgrpc.errors import FailedPrecondition, InvalidArgument, NotFound, PdgrpcError
+from pdgrpc.transfer.base import KVTransfer, register
+from pdgrpc.types import KVDescriptor
 
 log = logging.getLogger(__name__)
 REAP_INTERVAL_S = 0.5
@@ -129,3 +131,19 @@ async def fetch_device_group(store, key: str, size: int):
     if value.get("size") != size:
         raise InvalidArgument(f"KV key {key!r}: handle is for {value.get('size')} bytes, descriptor says {size}")
     return await asyncio.to_thread(open_handle, value["cuda_ipc"])
+
+
+@register("cuda_ipc")
+class CudaIpcTransfer(KVTransfer):
+    """Location ``device``: ``read`` returns the producer's GPU tensor (the engine copies it GPU to GPU
+    on load). Only from this node's own store: a handle opens on its own host only."""
+
+    def accepts(self, d: KVDescriptor) -> bool:
+        return d.location == "device" and self.ctx.is_own(d.store_address)
+
+    async def read(self, d: KVDescriptor):
+        return await fetch_device_group(self.ctx.store, d.key, d.size_bytes)
+
+    async def read_into(self, d: KVDescriptor, dst) -> None:
+        raise FailedPrecondition(f"descriptor {d.key!r}: KV in GPU memory is loaded from its tensor, not copied "
+                                 "into a host buffer")

@@ -120,7 +120,7 @@ class KVLayout(_message.Message):
     def __init__(self, model_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_layout: _Optional[str] = ...) -> None: ...
 
 class KVDescriptor(_message.Message):
-    __slots__ = ("request_id", "store_address", "key", "location", "device_index", "layout", "size_bytes", "crc32", "lease_expiry_unix", "shm_name", "group_index", "shm_offset")
+    __slots__ = ("request_id", "store_address", "key", "location", "device_index", "layout", "size_bytes", "crc32", "lease_expiry_unix", "shm_name", "group_index", "shm_offset", "transfer_endpoint", "transfer_address")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STORE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +133,8 @@ class KVDescriptor(_message.Message):
     SHM_NAME_FIELD_NUMBER: _ClassVar[int]
     GROUP_INDEX_FIELD_NUMBER: _ClassVar[int]
     SHM_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     store_address: str
     key: str
@@ -145,7 +147,9 @@ class KVDescriptor(_message.Message):
     shm_name: str
     group_index: int
     shm_offset: int
-    def __init__(self, request_id: _Optional[str] = ..., store_address: _Optional[str] = ..., key: _Optional[str] = ..., location: _Optional[_Union[KVLocation, str]] = ..., device_index: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., size_bytes: _Optional[int] = ..., crc32: _Optional[int] = ..., lease_expiry_unix: _Optional[float] = ..., shm_name: _Optional[str] = ..., group_index: _Optional[int] = ..., shm_offset: _Optional[int] = ...) -> None: ...
+    transfer_endpoint: str
+    transfer_address: int
+    def __init__(self, request_id: _Optional[str] = ..., store_address: _Optional[str] = ..., key: _Optional[str] = ..., location: _Optional[_Union[KVLocation, str]] = ..., device_index: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., size_bytes: _Optional[int] = ..., crc32: _Optional[int] = ..., lease_expiry_unix: _Optional[float] = ..., shm_name: _Optional[str] = ..., group_index: _Optional[int] = ..., shm_offset: _Optional[int] = ..., transfer_endpoint: _Optional[str] = ..., transfer_address: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens")
