@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "coordinator": ("pdgrpc.coordinator.main", "run the coordinator"),
     "up": ("pdgrpc.launcher", "start a whole local cluster as separate processes"),
     "generate": ("pdgrpc.generate_cli", "send a prompt to a coordinator and stream the answer"),
+    "status": ("pdgrpc.status_cli", "print the nodes as a coordinator sees them (role, host, health, load, KV)"),
     "model": ("pdgrpc.model_prep", "prepare a model folder (pdgrpc model prepare)"),
     "bench": ("pdgrpc.bench", "benchmarks: serve (goodput under SLO), kv (hand-off paths), coordinator"),
 }

@@ -82,6 +82,27 @@ class CoordinatorSection:
 
 
 @dataclass(frozen=True)
+class MembershipSection:
+    """Where nodes register and coordinators look for them (pdgrpc.membership). ``etcd`` empty: the
+    static node lists of this file. Set: nodes register under ``prefix`` with a lease of
+    ``lease_ttl_s`` (a node that dies leaves after it), coordinators watch the prefix."""
+
+    etcd: str = ""              # e.g. http://10.0.0.5:2379 (etcd's client URL; its JSON gateway)
+    prefix: str = "/pdgrpc/"
+    lease_ttl_s: int = 5        # etcd's minimum is 2
+
+    def validate(self) -> "MembershipSection":
+        if self.etcd and not re.match(r"^https?://[^/\s]+/?$", self.etcd):
+            raise ConfigError(f"[membership] etcd must be a URL like http://HOST:2379, not {self.etcd!r}")
+        if not self.prefix.startswith("/") or not self.prefix.endswith("/"):
+            raise ConfigError(f"[membership] prefix must start and end with '/', not {self.prefix!r}")
+        if isinstance(self.lease_ttl_s, bool) or not isinstance(self.lease_ttl_s, int) or self.lease_ttl_s < 2:
+            raise ConfigError(f"[membership] lease_ttl_s must be a whole number of seconds >= 2 (etcd's "
+                              f"minimum), not {self.lease_ttl_s!r}")
+        return self
+
+
+@dataclass(frozen=True)
 class NodeSection:
     name: str
     role: str
@@ -105,6 +126,7 @@ class ClusterConfig:
     coordinator: CoordinatorSection
     nodes: tuple[NodeSection, ...]
     mode: str = "disaggregated"
+    membership: MembershipSection = field(default_factory=MembershipSection)
 
     @property
     def store_address(self) -> str:
@@ -123,11 +145,14 @@ class ClusterConfig:
         names = [n.name for n in self.nodes]
         if len(set(names)) != len(names):
             raise ConfigError(f"node names must be unique: {names}")
-        if self.mode == "disaggregated" and (not self.by_role("prefill") or not self.by_role("decode")
+        self.membership.validate()
+        # With etcd the nodes register themselves: the file lists none, or only those `pdgrpc up` starts.
+        static = not self.membership.etcd
+        if static and self.mode == "disaggregated" and (not self.by_role("prefill") or not self.by_role("decode")
                                              or self.by_role("colocated")):
             raise ConfigError("a disaggregated cluster needs at least one prefill and one decode node "
                               "and no colocated node")
-        if self.mode == "colocated" and (not self.by_role("colocated") or len(self.nodes) != len(
+        if static and self.mode == "colocated" and (not self.by_role("colocated") or len(self.nodes) != len(
                 self.by_role("colocated"))):
             raise ConfigError("a colocated cluster needs [[colocated]] nodes only")
         if not self.coordinator.http_timeout_s > 0:
@@ -196,7 +221,8 @@ def _section(cls, raw: dict, where: str):
 
 
 def from_dict(raw: dict, port_base: int | None = None) -> ClusterConfig:
-    unknown = set(raw) - {"store", "coordinator", "defaults", "prefill", "decode", "colocated", "mode", "port_base"}
+    unknown = set(raw) - {"store", "coordinator", "defaults", "prefill", "decode", "colocated", "mode", "port_base",
+                        "membership"}
     if unknown:
         raise ConfigError(f"unknown top-level keys {sorted(unknown)}")
     base = port_base if port_base is not None else int(raw.get("port_base", DEFAULT_PORT_BASE))
@@ -229,7 +255,8 @@ def from_dict(raw: dict, port_base: int | None = None) -> ClusterConfig:
                 max_requests=int(merged.get("max_requests", 64)), max_batch=int(merged.get("max_batch", 32)),
                 stream_interval=int(merged.get("stream_interval", 1)),
             ))
-    return ClusterConfig(store, coord, tuple(nodes), raw.get("mode", "disaggregated")).validate()
+    membership = _section(MembershipSection, raw.get("membership", {}), "membership")
+    return ClusterConfig(store, coord, tuple(nodes), raw.get("mode", "disaggregated"), membership).validate()
 
 
 def load(path: str, port_base: int | None = None) -> ClusterConfig:

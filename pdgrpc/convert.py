@@ -151,7 +151,7 @@ def node_info_to_pb(n: t.NodeInfo) -> c_pb.NodeInfo:
     return c_pb.NodeInfo(
         name=n.name, role=_ROLE_TO_PB[n.role], model=model_to_pb(n.model), running_requests=n.running_requests,
         queued_requests=n.queued_requests, max_requests=n.max_requests, batch_invariant=n.batch_invariant,
-        engine_detail=n.engine_detail,
+        engine_detail=n.engine_detail, kv_cache_bytes=n.kv_cache_bytes,
     )
 
 
@@ -160,6 +160,7 @@ def node_info_from_pb(m: c_pb.NodeInfo) -> t.NodeInfo:
         name=m.name, role=_ROLE_FROM_PB.get(m.role, t.Role.PREFILL), model=model_from_pb(m.model),
         running_requests=m.running_requests, queued_requests=m.queued_requests, max_requests=m.max_requests,
         batch_invariant=m.batch_invariant if m.HasField("batch_invariant") else None, engine_detail=m.engine_detail,
+        kv_cache_bytes=m.kv_cache_bytes,
     )
 
 
@@ -347,7 +348,8 @@ def cluster_status_to_pb(s: t.ClusterStatus) -> co_pb.ClusterStatus:
         nodes=[co_pb.NodeStatus(
             name=n.name, role=_ROLE_TO_PB[n.role], address=n.address, health=_HEALTH_TO_PB[n.health],
             inflight_requests=n.inflight_requests, info=node_info_to_pb(n.info) if n.info else None,
-            last_seen_seconds_ago=n.last_seen_seconds_ago) for n in s.nodes],
+            last_seen_seconds_ago=n.last_seen_seconds_ago, host=n.host, store_address=n.store_address)
+            for n in s.nodes],
         store_address=s.store_address, inflight_requests=s.inflight_requests)
 
 
@@ -357,5 +359,6 @@ def cluster_status_from_pb(m: co_pb.ClusterStatus) -> t.ClusterStatus:
             name=n.name, role=_ROLE_FROM_PB.get(n.role, t.Role.PREFILL), address=n.address,
             health=_HEALTH_FROM_PB.get(n.health, t.NodeHealth.UNSPECIFIED), inflight_requests=n.inflight_requests,
             info=node_info_from_pb(n.info) if n.HasField("info") else None,
-            last_seen_seconds_ago=n.last_seen_seconds_ago) for n in m.nodes),
+            last_seen_seconds_ago=n.last_seen_seconds_ago, host=n.host, store_address=n.store_address)
+            for n in m.nodes),
         store_address=m.store_address, inflight_requests=m.inflight_requests)

@@ -4,8 +4,15 @@ Order: store, then prefill and decode nodes, then the coordinator. Each process 
 ``<role> <name> listening on HOST:PORT metrics HOST:PORT`` once it is ready (the coordinator adds
 ``openai http://HOST:PORT/v1``, its OpenAI-compatible front). When every one is ready the launcher
 prints where the coordinator is. Ctrl-C or SIGTERM stops the coordinator first
-(no new requests), then the nodes (they drain), then the store. A child that dies takes the
-cluster down with a non-zero exit, so a broken cluster is never left half up.
+(no new requests), then the nodes (they drain), then the store. A child that dies before it is
+ready takes the cluster down with a non-zero exit, so a broken cluster is never left half up.
+
+Once the cluster is up, a node or coordinator that exits is restarted with the same command, as
+systemd's ``Restart=on-failure`` does for the units: after 1 s, doubling up to 30 s while it keeps
+dying (back to 1 s once it has run a minute), one log line per restart with its count. The other
+processes keep serving meanwhile (the coordinator routes around a node that is down; requests that
+were on it end with their documented status). The store exiting still takes the cluster down: the
+KV of every request in flight is gone with it.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -48,6 +56,8 @@ def add_arguments(parser) -> None:
                         help="coordinator processes sharing the coordinator port ([coordinator] processes)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin nodes to CPUs")
     parser.add_argument("--ready-timeout-s", type=float, default=300.0, help="how long to wait for every process")
+    parser.add_argument("--etcd", default=None,
+                        help="etcd client URL: nodes register there and the coordinator watches it ([membership])")
     parser.add_argument("--node-arg", action="append", default=[],
                         help="extra argument passed to every prefill/decode node (repeatable)")
 
@@ -75,6 +85,8 @@ def cluster_from_args(args) -> cfgmod.ClusterConfig:
     if args.coordinators is not None:
         cluster = dataclasses.replace(cluster, coordinator=dataclasses.replace(cluster.coordinator,
                                                                                processes=args.coordinators))
+    if args.etcd is not None:
+        cluster = dataclasses.replace(cluster, membership=dataclasses.replace(cluster.membership, etcd=args.etcd))
     if not args.no_pin:
         cluster = auto_pin(cluster)
     return cluster.validate()
@@ -106,6 +118,8 @@ def write_toml(cluster: cfgmod.ClusterConfig, path: str) -> None:
     lines = [f"mode = {val(cluster.mode)}", "", "[store]"]
     lines += [f"{k} = {val(v)}" for k, v in dataclasses.asdict(cluster.store).items()]
     lines += ["", "[coordinator]"] + [f"{k} = {val(v)}" for k, v in dataclasses.asdict(cluster.coordinator).items()]
+    if cluster.membership.etcd:
+        lines += ["", "[membership]"] + [f"{k} = {val(v)}" for k, v in dataclasses.asdict(cluster.membership).items()]
     for n in cluster.nodes:
         lines += ["", f"[[{n.role}]]", f"name = {val(n.name)}", f"host = {val(n.host)}", f"port = {n.port}",
                   f"metrics_port = {n.metrics_port}", f"engine = {val(n.engine.name)}"]
@@ -151,6 +165,9 @@ def node_command(n: cfgmod.NodeSection, cluster: cfgmod.ClusterConfig, extra: li
         cmd += ["--threads", str(threads)]
     if n.cpus:
         cmd += ["--cpus", ",".join(map(str, n.cpus))]
+    m = cluster.membership
+    if m.etcd:
+        cmd += ["--etcd", m.etcd, "--etcd-prefix", m.prefix, "--lease-ttl-s", str(m.lease_ttl_s)]
     return cmd + extra
 
 
@@ -173,15 +190,39 @@ def _http_ready(address: str, path: str = "/health") -> bool:
         return False
 
 
+RESTART_FIRST_S = 1.0
+RESTART_MAX_S = 30.0
+RESTART_RESET_AFTER_S = 60.0   # a process that ran this long starts over at RESTART_FIRST_S
+
+
+@dataclass
+class _Child:
+    name: str
+    cmd: list[str]
+    proc: subprocess.Popen
+    restartable: bool = False
+    restarts: int = 0
+    started: float = 0.0
+    delay_s: float = 0.0
+    due: float | None = None     # when to restart it (it exited)
+
+
 class Cluster:
     """The running processes, in start order."""
 
     def __init__(self) -> None:
-        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.children: list[_Child] = []
 
-    def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
-        proc = subprocess.Popen(cmd, env={**os.environ, PARENT_ENV: str(os.getpid())})
-        self.procs.append((name, proc))
+    @property
+    def procs(self) -> list[tuple[str, subprocess.Popen]]:
+        return [(c.name, c.proc) for c in self.children]
+
+    def _popen(self, cmd: list[str]) -> subprocess.Popen:
+        return subprocess.Popen(cmd, env={**os.environ, PARENT_ENV: str(os.getpid())})
+
+    def start(self, name: str, cmd: list[str], restartable: bool = False) -> subprocess.Popen:
+        proc = self._popen(cmd)
+        self.children.append(_Child(name, cmd, proc, restartable, started=time.monotonic()))
         return proc
 
     def wait_ready(self, name: str, proc: subprocess.Popen, check, address: str, timeout_s: float,
@@ -196,7 +237,28 @@ class Cluster:
         raise RuntimeError(f"{name} not ready at {address} after {timeout_s:.0f}s")
 
     def dead(self) -> list[str]:
-        return [f"{name} (exit {p.returncode})" for name, p in self.procs if p.poll() is not None]
+        """Processes that exited and will not be restarted."""
+        return [f"{c.name} (exit {c.proc.returncode})" for c in self.children
+                if c.proc.poll() is not None and not c.restartable]
+
+    def supervise(self, now: float) -> None:
+        """Restart the restartable processes that exited, with exponential backoff."""
+        for c in self.children:
+            if not c.restartable or c.proc.poll() is None:
+                continue
+            if c.due is None:
+                ran = now - c.started
+                c.delay_s = RESTART_FIRST_S if ran >= RESTART_RESET_AFTER_S or not c.delay_s else min(
+                    c.delay_s * 2, RESTART_MAX_S)
+                c.due = now + c.delay_s
+                print(f"pdgrpc up: {c.name} exited with status {c.proc.returncode} after {ran:.1f}s; "
+                      f"restart {c.restarts + 1} in {c.delay_s:.0f}s", file=sys.stderr, flush=True)
+            elif now >= c.due:
+                c.proc = self._popen(c.cmd)
+                c.restarts += 1
+                c.started, c.due = now, None
+                print(f"pdgrpc up: {c.name} restarted (restart {c.restarts}, pid {c.proc.pid})",
+                      file=sys.stderr, flush=True)
 
     def stop(self, grace_s: float = 40.0) -> None:
         # Coordinator first, store last: reverse start order.
@@ -234,13 +296,14 @@ def main(args) -> int:
         store = procs.start("store", [sys.executable, "-m", "pdgrpc", "kvstore", "--host", s.host, "--port",
                                       str(s.port), "--max-memory", s.max_memory])
         procs.wait_ready("store", store, _http_ready, cluster.store_address, args.ready_timeout_s)
-        started = [(n, procs.start(n.name, node_command(n, cluster, args.node_arg))) for n in cluster.nodes]
+        started = [(n, procs.start(n.name, node_command(n, cluster, args.node_arg), restartable=True))
+                   for n in cluster.nodes]
         for n, proc in started:
             procs.wait_ready(n.name, proc, _grpc_ready, n.address, args.ready_timeout_s)
         c = cluster.coordinator
         names = [f"coordinator-{k}" if c.processes > 1 else "coordinator" for k in range(c.processes)]
         coords = [procs.start(name, [sys.executable, "-m", "pdgrpc", "coordinator", "--config", config_path,
-                                     "--worker", str(k)]) for k, name in enumerate(names)]
+                                     "--worker", str(k)], restartable=True) for k, name in enumerate(names)]
         # All workers answer health on the one shared port, so each is waited for on its own metrics port
         # (served once its gRPC port is bound), then the port itself.
         for k, (name, coord) in enumerate(zip(names, coords)):
@@ -262,7 +325,8 @@ def main(args) -> int:
                 print(f"pdgrpc up: {', '.join(dead)} stopped; taking the cluster down", file=sys.stderr)
                 rc = 1
                 break
-            time.sleep(0.5)
+            procs.supervise(time.monotonic())
+            time.sleep(0.2)
     except KeyboardInterrupt:
         pass
     except RuntimeError as exc:

@@ -168,6 +168,7 @@ class NodeInfo:
     max_requests: int
     batch_invariant: bool | None = None  # checked at load (torch engine); None: not checked
     engine_detail: str = ""              # what the engine checked and chose at load, one line
+    kv_cache_bytes: int = 0              # KV bytes it holds now (pdgrpc_node_kv_cache_bytes)
 
 
 # ---- prefill stream -------------------------------------------------------------------------
@@ -308,6 +309,8 @@ class NodeStatus:
     inflight_requests: int
     info: NodeInfo | None
     last_seen_seconds_ago: float
+    host: str = ""            # the machine it runs on, as its membership record says
+    store_address: str = ""   # the KV store it uses, as its membership record says
 
 
 @dataclass(frozen=True)

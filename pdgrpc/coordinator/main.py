@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import sys
@@ -14,6 +15,7 @@ from pdgrpc.coordinator.router import Router
 from pdgrpc.coordinator.servicer import CoordinatorServicer, register
 from pdgrpc.grpcutil import add_health_and_reflection, new_server, set_serving, wait_for_stop_signal
 from pdgrpc.kvstore.client import KVStoreClient
+from pdgrpc.membership import Membership
 from pdgrpc.openai_api.app import OpenAIFront
 from pdgrpc.security import GrpcSecurity
 
@@ -27,14 +29,28 @@ def add_arguments(parser) -> None:
                         help="this process's index among [coordinator] processes (metrics on metrics_port + worker)")
     parser.add_argument("--grace-s", type=float, default=30.0, help="drain time on SIGTERM")
     parser.add_argument("--store-token", default=os.environ.get("PDGRPC_STORE_TOKEN", ""))
+    parser.add_argument("--etcd", default=None,
+                        help="etcd client URL for membership (overrides [membership] etcd; '' for the static list)")
     parser.add_argument("--log-level", default="info")
+
+
+def membership_for(cluster: cfgmod.ClusterConfig) -> Membership | None:
+    """etcd when configured; None: the pool's static list from the cluster file."""
+    m = cluster.membership
+    if not m.etcd:
+        return None
+    from pdgrpc.membership.etcd import EtcdMembership
+
+    log.info("membership: nodes registered in etcd %s under %s", m.etcd, m.prefix)
+    return EtcdMembership(m.etcd, m.prefix)
 
 
 async def serve(cluster: cfgmod.ClusterConfig, grace_s: float, store_token: str, worker: int = 0) -> int:
     c = cluster.coordinator
     metrics_port = c.worker_metrics_port(worker)
     security = GrpcSecurity.from_env()
-    pool = NodePool(list(cluster.nodes), c.health_interval_s, security)
+    pool = NodePool(list(cluster.nodes), c.health_interval_s, security, membership_for(cluster),
+                    cluster.store_address)
     store = KVStoreClient(cluster.store_address, token=store_token or None)
     router = Router(pool, store, c.max_inflight, c.kv_lease_s)
     server = new_server(security.interceptors(), share_port=c.processes > 1)
@@ -80,6 +96,9 @@ def main(args) -> int:
                         format="%(asctime)s coordinator %(levelname)s %(name)s: %(message)s")
     try:
         cluster = cfgmod.load(args.config, args.port_base)
+        if args.etcd is not None:
+            cluster = dataclasses.replace(cluster, membership=dataclasses.replace(
+                cluster.membership, etcd=args.etcd)).validate()
         if not 0 <= args.worker < cluster.coordinator.processes:
             raise cfgmod.ConfigError(f"--worker {args.worker} outside 0-{cluster.coordinator.processes - 1} "
                                      f"([coordinator] processes = {cluster.coordinator.processes})")

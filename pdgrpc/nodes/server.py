@@ -12,17 +12,20 @@ import asyncio
 import dataclasses
 import logging
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
 
 from pdgrpc import event_loop, metrics, sdnotify
+from pdgrpc.config import MembershipSection
 from pdgrpc.engine.base import EngineOptions
 from pdgrpc.engine.registry import build_engine, check_options
 from pdgrpc.engine.torch_options import LINEAR_KERNELS, MKL_DISPATCHES
 from pdgrpc.errors import Unavailable
 from pdgrpc.grpcutil import add_health_and_reflection, new_server, set_serving, wait_for_stop_signal
 from pdgrpc.kvstore.client import KVStoreClient
+from pdgrpc.membership import NodeRecord
 from pdgrpc.nodes.colocated_service import ColocatedService
 from pdgrpc.nodes.decode_service import DecodeLimits, DecodeService
 from pdgrpc.nodes.engine_thread import EngineThread
@@ -51,6 +54,10 @@ class NodeConfig:
     batch_token_budget: int = 4096
     kv_lease_s: float = 60.0
     grace_s: float = 30.0
+    etcd: str = ""                   # register in etcd (pdgrpc.membership.etcd); "": static cluster file
+    etcd_prefix: str = "/pdgrpc/"
+    lease_ttl_s: int = 5
+    advertise: str = ""              # host:port coordinators dial; "": host:port (hostname if 0.0.0.0)
 
     def validate(self) -> "NodeConfig":
         if not 0 < self.port < 65536 or not 0 <= self.metrics_port < 65536:
@@ -62,7 +69,14 @@ class NodeConfig:
         if self.kv_lease_s <= 0 or self.grace_s < 0:
             raise ValueError("kv_lease_s must be > 0 and grace_s >= 0")
         check_options(self.engine, "", ValueError)
+        MembershipSection(self.etcd, self.etcd_prefix, self.lease_ttl_s).validate()
         return self
+
+    def record(self, fingerprint: str) -> NodeRecord:
+        """What this node registers in etcd."""
+        host = socket.gethostname()
+        address = self.advertise or f"{host if self.host in ('0.0.0.0', '::', '') else self.host}:{self.port}"
+        return NodeRecord(self.name, self.role.value, address, host, self.store, fingerprint, self.max_requests)
 
 
 def engine_options_for(cfg: NodeConfig) -> EngineOptions:
@@ -78,6 +92,12 @@ def engine_options_for(cfg: NodeConfig) -> EngineOptions:
         return opts
     allowed = len(os.sched_getaffinity(0))
     return dataclasses.replace(opts, threads=max(1, allowed // 2))
+
+
+def kv_cache_bytes(node: str) -> int:
+    """KV the node holds now, as its pdgrpc_node_kv_cache_bytes gauges say (both roles if colocated)."""
+    return int(sum(s.value for m in metrics.NODE_KV_CACHE.collect() for s in m.samples
+                   if s.labels.get("node") == node))
 
 
 def pin_cpus(cpus: tuple[int, ...]) -> None:
@@ -98,7 +118,8 @@ async def serve_node(cfg: NodeConfig) -> int:
         running = service.requests if isinstance(service, DecodeService) else service.running
         queued = 0 if isinstance(service, DecodeService) else service.queued
         return NodeInfo(cfg.name, cfg.role, engine.spec, running, queued, cfg.max_requests,
-                        getattr(engine, "batch_invariant", None), getattr(engine, "engine_detail", ""))
+                        getattr(engine, "batch_invariant", None), getattr(engine, "engine_detail", ""),
+                        kv_cache_bytes(cfg.name))
 
     servicer = {Role.PREFILL: PrefillServicer, Role.DECODE: DecodeServicer,
                 Role.COLOCATED: ColocatedServicer}[cfg.role](info)
@@ -144,11 +165,19 @@ async def serve_node(cfg: NodeConfig) -> int:
     log.info("%s %s ready in %.1fs (model %s)", role, cfg.name, time.monotonic() - t0, engine.spec.name)
     metrics_text = f"{cfg.host}:{cfg.metrics_port}" if cfg.metrics_port else "-"
     print(f"{role} {cfg.name} listening on {cfg.host}:{cfg.port} metrics {metrics_text}", flush=True)
+    registration = None
+    if cfg.etcd:  # after SERVING: coordinators route to it as soon as they see it
+        from pdgrpc.membership.etcd import Registration
+
+        registration = Registration(cfg.etcd, cfg.etcd_prefix, cfg.lease_ttl_s, cfg.record(engine.spec.fingerprint))
+        await registration.start()
     sdnotify.notify("READY=1")
 
     await wait_for_stop_signal()
     log.info("%s %s draining (grace %.0fs)", role, cfg.name, cfg.grace_s)
     sdnotify.notify("STOPPING=1")
+    if registration is not None:
+        await registration.close()  # out of the membership first: no new requests while it drains
     await set_serving(health, [service_name], False)
     await server.stop(cfg.grace_s)
     await service.stop()
@@ -192,6 +221,14 @@ def add_node_arguments(parser, role: Role) -> None:
     parser.add_argument("--mkl-dispatch", default="", choices=("", *MKL_DISPATCHES),
                         help="torch engine on x86: features (MKL picks kernels by CPU features, e.g. AVX-512 "
                              "on AMD; the default) or vendor (MKL's own choice)")
+    parser.add_argument("--etcd", default=os.environ.get("PDGRPC_ETCD", ""),
+                        help="register in etcd at this client URL, e.g. http://HOST:2379 (default $PDGRPC_ETCD; "
+                             "empty: no registration, the coordinator's cluster file lists this node)")
+    parser.add_argument("--etcd-prefix", default="/pdgrpc/", help="etcd key prefix ([membership] prefix)")
+    parser.add_argument("--lease-ttl-s", type=int, default=5,
+                        help="etcd lease: a node that dies leaves the membership after this many seconds (>= 2)")
+    parser.add_argument("--advertise", default="",
+                        help="HOST:PORT coordinators dial (default --host:--port; the hostname if --host is 0.0.0.0)")
     parser.add_argument("--log-level", default="info")
 
 
@@ -220,6 +257,7 @@ def run_node(args, role: Role) -> int:
             cpus=parse_cpus(args.cpus), max_requests=args.max_requests, max_batch=args.max_batch,
             stream_interval=args.stream_interval,
             batch_token_budget=args.batch_token_budget, kv_lease_s=args.kv_lease_s, grace_s=args.grace_s,
+            etcd=args.etcd, etcd_prefix=args.etcd_prefix, lease_ttl_s=args.lease_ttl_s, advertise=args.advertise,
         ).validate()
     except ValueError as exc:
         print(f"pdgrpc {role.value}: {exc}", file=sys.stderr)

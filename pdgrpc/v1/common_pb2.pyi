@@ -204,7 +204,7 @@ class NodeInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("name", "role", "model", "running_requests", "queued_requests", "max_requests", "batch_invariant", "engine_detail")
+    __slots__ = ("name", "role", "model", "running_requests", "queued_requests", "max_requests", "batch_invariant", "engine_detail", "kv_cache_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -213,6 +213,7 @@ class NodeInfo(_message.Message):
     MAX_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     BATCH_INVARIANT_FIELD_NUMBER: _ClassVar[int]
     ENGINE_DETAIL_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     role: NodeRole
     model: ModelInfo
@@ -221,4 +222,5 @@ class NodeInfo(_message.Message):
     max_requests: int
     batch_invariant: bool
     engine_detail: str
-    def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[NodeRole, str]] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., running_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., max_requests: _Optional[int] = ..., batch_invariant: _Optional[bool] = ..., engine_detail: _Optional[str] = ...) -> None: ...
+    kv_cache_bytes: int
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[NodeRole, str]] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., running_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., max_requests: _Optional[int] = ..., batch_invariant: _Optional[bool] = ..., engine_detail: _Optional[str] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...

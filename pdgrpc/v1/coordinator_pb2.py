@@ -26,15 +26,15 @@ _sym_db = _symbol_database.Default()
 from pdgrpc.v1 import common_pb2 as pdgrpc_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpdgrpc/v1/coordinator.proto\x12\tpdgrpc.v1\x1a\x16pdgrpc/v1/common.proto\"u\n\x0fGenerateRequest\x12!\n\x06prompt\x18\x01 \x01(\x0b\x32\x11.pdgrpc.v1.Prompt\x12+\n\x08sampling\x18\x02 \x01(\x0b\x32\x19.pdgrpc.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"B\n\rGenerateDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\"\xc4\x01\n\rGenerateFinal\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x17.pdgrpc.v1.FinishReason\x12\x1f\n\x05usage\x18\x03 \x01(\x0b\x32\x10.pdgrpc.v1.Usage\x12#\n\x07timings\x18\x04 \x01(\x0b\x32\x12.pdgrpc.v1.Timings\x12\x14\n\x0cprefill_node\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x65\x63ode_node\x18\x06 \x01(\t\"q\n\x10GenerateResponse\x12)\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x18.pdgrpc.v1.GenerateDeltaH\x00\x12)\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x18.pdgrpc.v1.GenerateFinalH\x00\x42\x07\n\x05\x65vent\"\x16\n\x14\x43lusterStatusRequest\"\xd2\x01\n\nNodeStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x04role\x18\x02 \x01(\x0e\x32\x13.pdgrpc.v1.NodeRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12%\n\x06health\x18\x04 \x01(\x0e\x32\x15.pdgrpc.v1.NodeHealth\x12\x19\n\x11inflight_requests\x18\x05 \x01(\x05\x12!\n\x04info\x18\x06 \x01(\x0b\x32\x13.pdgrpc.v1.NodeInfo\x12\x1d\n\x15last_seen_seconds_ago\x18\x07 \x01(\x01\"g\n\rClusterStatus\x12$\n\x05nodes\x18\x01 \x03(\x0b\x32\x15.pdgrpc.v1.NodeStatus\x12\x15\n\rstore_address\x18\x02 \x01(\t\x12\x19\n\x11inflight_requests\x18\x03 \x01(\x05*|\n\nNodeHealth\x12\x1b\n\x17NODE_HEALTH_UNSPECIFIED\x10\x00\x12\x17\n\x13NODE_HEALTH_SERVING\x10\x01\x12\x1b\n\x17NODE_HEALTH_NOT_SERVING\x10\x02\x12\x1b\n\x17NODE_HEALTH_UNREACHABLE\x10\x03\x32\xa3\x01\n\x0b\x43oordinator\x12\x45\n\x08Generate\x12\x1a.pdgrpc.v1.GenerateRequest\x1a\x1b.pdgrpc.v1.GenerateResponse0\x01\x12M\n\x10GetClusterStatus\x12\x1f.pdgrpc.v1.ClusterStatusRequest\x1a\x18.pdgrpc.v1.ClusterStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpdgrpc/v1/coordinator.proto\x12\tpdgrpc.v1\x1a\x16pdgrpc/v1/common.proto\"u\n\x0fGenerateRequest\x12!\n\x06prompt\x18\x01 \x01(\x0b\x32\x11.pdgrpc.v1.Prompt\x12+\n\x08sampling\x18\x02 \x01(\x0b\x32\x19.pdgrpc.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"B\n\rGenerateDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\"\xc4\x01\n\rGenerateFinal\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x17.pdgrpc.v1.FinishReason\x12\x1f\n\x05usage\x18\x03 \x01(\x0b\x32\x10.pdgrpc.v1.Usage\x12#\n\x07timings\x18\x04 \x01(\x0b\x32\x12.pdgrpc.v1.Timings\x12\x14\n\x0cprefill_node\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x65\x63ode_node\x18\x06 \x01(\t\"q\n\x10GenerateResponse\x12)\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x18.pdgrpc.v1.GenerateDeltaH\x00\x12)\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x18.pdgrpc.v1.GenerateFinalH\x00\x42\x07\n\x05\x65vent\"\x16\n\x14\x43lusterStatusRequest\"\xf7\x01\n\nNodeStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x04role\x18\x02 \x01(\x0e\x32\x13.pdgrpc.v1.NodeRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12%\n\x06health\x18\x04 \x01(\x0e\x32\x15.pdgrpc.v1.NodeHealth\x12\x19\n\x11inflight_requests\x18\x05 \x01(\x05\x12!\n\x04info\x18\x06 \x01(\x0b\x32\x13.pdgrpc.v1.NodeInfo\x12\x1d\n\x15last_seen_seconds_ago\x18\x07 \x01(\x01\x12\x0c\n\x04host\x18\x08 \x01(\t\x12\x15\n\rstore_address\x18\t \x01(\t\"g\n\rClusterStatus\x12$\n\x05nodes\x18\x01 \x03(\x0b\x32\x15.pdgrpc.v1.NodeStatus\x12\x15\n\rstore_address\x18\x02 \x01(\t\x12\x19\n\x11inflight_requests\x18\x03 \x01(\x05*|\n\nNodeHealth\x12\x1b\n\x17NODE_HEALTH_UNSPECIFIED\x10\x00\x12\x17\n\x13NODE_HEALTH_SERVING\x10\x01\x12\x1b\n\x17NODE_HEALTH_NOT_SERVING\x10\x02\x12\x1b\n\x17NODE_HEALTH_UNREACHABLE\x10\x03\x32\xa3\x01\n\x0b\x43oordinator\x12\x45\n\x08Generate\x12\x1a.pdgrpc.v1.GenerateRequest\x1a\x1b.pdgrpc.v1.GenerateResponse0\x01\x12M\n\x10GetClusterStatus\x12\x1f.pdgrpc.v1.ClusterStatusRequest\x1a\x18.pdgrpc.v1.ClusterStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdgrpc.v1.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_NODEHEALTH']._serialized_start=909
-  _globals['_NODEHEALTH']._serialized_end=1033
+  _globals['_NODEHEALTH']._serialized_start=946
+  _globals['_NODEHEALTH']._serialized_end=1070
   _globals['_GENERATEREQUEST']._serialized_start=66
   _globals['_GENERATEREQUEST']._serialized_end=183
   _globals['_GENERATEDELTA']._serialized_start=185
@@ -46,9 +46,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLUSTERSTATUSREQUEST']._serialized_start=567
   _globals['_CLUSTERSTATUSREQUEST']._serialized_end=589
   _globals['_NODESTATUS']._serialized_start=592
-  _globals['_NODESTATUS']._serialized_end=802
-  _globals['_CLUSTERSTATUS']._serialized_start=804
-  _globals['_CLUSTERSTATUS']._serialized_end=907
-  _globals['_COORDINATOR']._serialized_start=1036
-  _globals['_COORDINATOR']._serialized_end=1199
+  _globals['_NODESTATUS']._serialized_end=839
+  _globals['_CLUSTERSTATUS']._serialized_start=841
+  _globals['_CLUSTERSTATUS']._serialized_end=944
+  _globals['_COORDINATOR']._serialized_start=1073
+  _globals['_COORDINATOR']._serialized_end=1236
 # @@protoc_insertion_point(module_scope)

@@ -69,7 +69,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("name", "role", "address", "health", "inflight_requests", "info", "last_seen_seconds_ago")
+    __slots__ = ("name", "role", "address", "health", "inflight_requests", "info", "last_seen_seconds_ago", "host", "store_address")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,8 @@ class NodeStatus(_message.Message):
     INFLIGHT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     INFO_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_SECONDS_AGO_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    STORE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     name: str
     role: _common_pb2.NodeRole
     address: str
@@ -84,7 +86,9 @@ class NodeStatus(_message.Message):
     inflight_requests: int
     info: _common_pb2.NodeInfo
     last_seen_seconds_ago: float
-    def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.NodeRole, str]] = ..., address: _Optional[str] = ..., health: _Optional[_Union[NodeHealth, str]] = ..., inflight_requests: _Optional[int] = ..., info: _Optional[_Union[_common_pb2.NodeInfo, _Mapping]] = ..., last_seen_seconds_ago: _Optional[float] = ...) -> None: ...
+    host: str
+    store_address: str
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.NodeRole, str]] = ..., address: _Optional[str] = ..., health: _Optional[_Union[NodeHealth, str]] = ..., inflight_requests: _Optional[int] = ..., info: _Optional[_Union[_common_pb2.NodeInfo, _Mapping]] = ..., last_seen_seconds_ago: _Optional[float] = ..., host: _Optional[str] = ..., store_address: _Optional[str] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
     __slots__ = ("nodes", "store_address", "inflight_requests")

@@ -1,0 +1,325 @@
+"""Membership (pdgrpc.membership): node records, the [membership] config, the pool following it, etcd
+registration and watch with real processes, and `pdgrpc up` restarting a node that dies.
+
+The etcd tests start their own throwaway etcd on free ports (never 2379) and skip only where the
+`etcd` binary is absent (`make system-deps` installs Debian's etcd-server)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import Proc, free_port, free_port_base, http_json, pdgrpc_cmd, wait_until
+
+from pdgrpc import config as cfgmod
+from pdgrpc.client import Client
+from pdgrpc.membership import NodeRecord, RecordError
+from pdgrpc.types import NodeHealth
+
+needs_etcd = pytest.mark.skipif(shutil.which("etcd") is None,
+                                reason="no etcd binary (make system-deps installs Debian's etcd-server)")
+
+
+# ---- fast: records, config, pool, backoff ----------------------------------------------------
+
+@pytest.mark.fast
+def test_node_record_json_round_trip_and_refusals():
+    r = NodeRecord("decode-3", "decode", "10.0.0.7:50071", "gpu-7", "10.0.0.7:50052", "abc123", 64)
+    assert NodeRecord.from_json(r.to_json()) == r
+    # Keys a newer writer adds are ignored, not fatal.
+    assert NodeRecord.from_json(r.to_json()[:-1] + ', "gpu": "H200"}') == r
+    for bad in (b"\x80not json", "[1, 2]", '{"name": "a", "role": "router", "address": "h:1"}',
+                '{"name": "", "role": "decode", "address": "h:1"}', '{"name": "a", "role": "decode"}',
+                '{"name": "a", "role": "decode", "address": "h:1", "max_requests": -1}',
+                '{"name": "a", "role": "decode", "address": "h:1", "max_requests": true}',
+                '{"name": "a", "role": "decode", "address": "h:1", "host": 5}'):
+        with pytest.raises(RecordError):
+            NodeRecord.from_json(bad)
+
+
+@pytest.mark.fast
+def test_membership_config_validated():
+    cfg = cfgmod.from_dict({"prefill": [{}], "decode": [{}]})
+    assert cfg.membership.etcd == ""  # default: the static lists, no etcd
+    # With etcd the file need not list nodes: they register themselves.
+    cfg = cfgmod.from_dict({"membership": {"etcd": "http://10.0.0.5:2379", "lease_ttl_s": 3}})
+    assert (cfg.membership.etcd, cfg.membership.lease_ttl_s, cfg.nodes) == ("http://10.0.0.5:2379", 3, ())
+    with pytest.raises(cfgmod.ConfigError, match="at least one prefill"):
+        cfgmod.from_dict({})
+    for bad, what in (({"lease_ttl_s": 1}, "lease_ttl_s"), ({"lease_ttl_s": 2.5}, "lease_ttl_s"),
+                      ({"etcd": "10.0.0.5:2379"}, "URL"), ({"prefix": "pdgrpc"}, "prefix"),
+                      ({"ttl": 5}, "unknown keys")):
+        with pytest.raises(cfgmod.ConfigError, match=what):
+            cfgmod.from_dict({"membership": {"etcd": "http://127.0.0.1:2379", **bad}})
+
+
+@pytest.mark.fast
+async def test_pool_follows_membership_changes():
+    from pdgrpc.coordinator.pool import NodePool
+
+    pool = NodePool([], interval_s=0.5)
+    a = NodeRecord("prefill-a", "prefill", "127.0.0.1:1", "h1", "127.0.0.1:2")
+    b = NodeRecord("decode-b", "decode", "127.0.0.1:3", "h2", "127.0.0.1:2")
+    pool.apply({"prefill-a": a, "decode-b": b})
+    assert sorted(n.name for n in pool.nodes) == ["decode-b", "prefill-a"]
+    first_b = next(n for n in pool.nodes if n.name == "decode-b")
+    first_b.inflight = 1
+    # b moves to another address (restarted elsewhere): a new handle; a leaves.
+    b2 = NodeRecord("decode-b", "decode", "127.0.0.1:4", "h3", "127.0.0.1:2")
+    pool.apply({"decode-b": b2})
+    assert [(n.name, n.address) for n in pool.nodes] == [("decode-b", "127.0.0.1:4")]
+    assert [(s.name, s.host) for s in pool.status()] == [("decode-b", "h3")]
+    assert len(pool._background) == 2  # both old handles wait for their requests before closing
+    first_b.inflight = 0
+    await pool.close()
+
+
+@pytest.mark.fast
+def test_launcher_restarts_with_backoff():
+    from pdgrpc.launcher import RESTART_MAX_S, Cluster
+
+    procs = Cluster()
+    exit3 = [sys.executable, "-c", "import sys; sys.exit(3)"]
+    procs.start("decode-0", exit3, restartable=True)
+    procs.start("store", exit3)
+    procs.children[0].proc.wait()
+    procs.children[1].proc.wait()
+    assert procs.dead() == ["store (exit 3)"]  # the store is not restarted
+    now, delays = time.monotonic(), []
+    for _ in range(7):
+        procs.supervise(now)                       # notices the exit, schedules
+        delays.append(procs.children[0].delay_s)
+        procs.supervise(now + 0.5 * delays[-1])    # too early: nothing happens
+        restarts = procs.children[0].restarts
+        now += delays[-1]
+        procs.supervise(now)                       # due: started again
+        assert procs.children[0].restarts == restarts + 1
+        procs.children[0].proc.wait()
+    assert delays == [1, 2, 4, 8, 16, RESTART_MAX_S, RESTART_MAX_S]
+    # A process that ran a minute before dying starts over at 1 s.
+    procs.supervise(now + 61)
+    assert procs.children[0].delay_s == 1
+
+
+# ---- e2e with etcd --------------------------------------------------------------------------
+
+class Etcd:
+    """A throwaway etcd on free ports (data in tmp_path), restartable on the same ports and data."""
+
+    def __init__(self, tmp_path) -> None:
+        self.client, self.peer = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.client}"
+        self.cmd = ["etcd", "--name", "t", "--data-dir", str(tmp_path / "etcd"),
+                    "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+                    "--listen-peer-urls", f"http://127.0.0.1:{self.peer}",
+                    "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer}",
+                    "--initial-cluster", f"t=http://127.0.0.1:{self.peer}", "--log-level", "warn"]
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def healthy(self) -> bool:
+        try:
+            return http_json(f"{self.url}/health", 1.0).get("health") == "true"
+        except OSError:
+            return False
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert wait_until(self.healthy, 20), "etcd did not become healthy"
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class EtcdCluster:
+    """Store, coordinators and nodes as processes; nodes register in etcd, coordinators watch it."""
+
+    def __init__(self, tmp_path, etcd: Etcd, coordinators: int = 1) -> None:
+        self.etcd, self.base, self.procs = etcd, free_port_base(), {}
+        self.store = f"127.0.0.1:{self.base + 1}"
+        self.coordinators = [f"127.0.0.1:{self.base + 5 + k}" for k in range(coordinators)]
+        self.procs["store"] = Proc(pdgrpc_cmd("kvstore", "--port", str(self.base + 1), "--max-memory", "128MB"))
+        self.procs["store"].wait_for_line("kvstore ")
+        for k, address in enumerate(self.coordinators):
+            port = int(address.rsplit(":", 1)[1])
+            path = tmp_path / f"coordinator-{k}.toml"
+            path.write_text(f'[store]\nport = {self.base + 1}\n[coordinator]\nport = {port}\nmetrics_port = '
+                            f'{port + 1000}\nhttp_port = 0\nhealth_interval_s = 0.5\n[membership]\netcd = '
+                            f'"{etcd.url}"\nlease_ttl_s = 2\n')
+            self.procs[f"coordinator-{k}"] = Proc(pdgrpc_cmd("coordinator", "--config", str(path), "--grace-s", "1"))
+            self.procs[f"coordinator-{k}"].wait_for_line("coordinator coordinator listening")
+
+    def start_node(self, role: str, name: str, offset: int) -> Proc:
+        port = self.base + offset
+        self.procs[name] = Proc(pdgrpc_cmd(role, "--name", name, "--port", str(port), "--store", self.store,
+                                           "--engine", "mock", "--etcd", self.etcd.url, "--lease-ttl-s", "2",
+                                           "--grace-s", "1"))
+        return self.procs[name]
+
+    def status(self, k: int = 0) -> dict[str, NodeHealth]:
+        with Client(self.coordinators[k]) as c:
+            return {n.name: n.health for n in c.cluster_status().nodes}
+
+    def serving(self, k: int = 0) -> set[str]:
+        return {name for name, h in self.status(k).items() if h is NodeHealth.SERVING}
+
+    def metric(self, name: str, k: int = 0) -> float:
+        port = int(self.coordinators[k].rsplit(":", 1)[1]) + 1000
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            for line in resp.read().decode().splitlines():
+                if line.startswith(name):
+                    return float(line.rsplit(" ", 1)[1])
+        raise KeyError(name)
+
+    def stop(self) -> None:
+        for name in reversed(list(self.procs)):
+            self.procs[name].stop()
+
+
+@pytest.fixture
+def etcd_cluster(tmp_path):
+    made = []
+
+    def make(coordinators: int = 1) -> EtcdCluster:
+        etcd = Etcd(tmp_path)
+        made.append(etcd)
+        try:
+            made.append(EtcdCluster(tmp_path, etcd, coordinators))
+        except BaseException:
+            etcd.stop()
+            raise
+        return made[-1]
+
+    yield make
+    for m in reversed(made):
+        m.stop()
+
+
+def _complete(address: str, prompt: str = "hello membership") -> str:
+    with Client(address, timeout_s=20) as c:
+        return c.complete(prompt, max_tokens=6).final.decode_node
+
+
+@needs_etcd
+@pytest.mark.e2e
+def test_node_added_at_run_time_serves_and_a_dead_one_leaves(etcd_cluster):
+    """No node in any file: nodes register in etcd; both coordinators see the same membership; a decode
+    node started while serving takes requests without a coordinator restart; a SIGKILLed one leaves
+    when its 2 s lease expires."""
+    lc = etcd_cluster(coordinators=2)
+    assert lc.status(0) == {} and lc.status(1) == {}
+    lc.start_node("prefill", "p0", 10).wait_for_line("prefill p0 listening")
+    lc.start_node("decode", "d0", 40).wait_for_line("decode d0 listening")
+    assert wait_until(lambda: lc.serving(0) == lc.serving(1) == {"p0", "d0"}, 10), (lc.status(0), lc.status(1))
+    assert _complete(lc.coordinators[0]) == "d0"
+
+    lc.start_node("decode", "d1", 41).wait_for_line("decode d1 listening")
+    t0 = time.monotonic()
+    assert wait_until(lambda: "d1" in lc.serving(0) and "d1" in lc.serving(1), 10), lc.status(0)
+    print(f"d1 serving in both coordinators {time.monotonic() - t0:.3f}s after it printed 'listening'")
+
+    lc.procs["d0"].signal(signal.SIGKILL)
+    t0 = time.monotonic()
+    assert wait_until(lambda: "d0" not in lc.status(0) and "d0" not in lc.status(1), 10), lc.status(0)
+    print(f"d0 left both memberships {time.monotonic() - t0:.3f}s after SIGKILL")
+    # Only d1 is left to decode, and it does, through either coordinator.
+    assert {_complete(a) for a in lc.coordinators} == {"d1"}
+    assert any("joined the pool" in line and "d1" in line for line in lc.procs["coordinator-0"].lines)
+
+    # A node stopped with SIGTERM leaves at once (it revokes its lease before draining).
+    lc.procs["d1"].stop()
+    assert "d1" not in lc.status(0)
+
+
+@needs_etcd
+@pytest.mark.e2e
+def test_etcd_killed_serving_continues_and_registration_resumes(etcd_cluster):
+    lc = etcd_cluster()
+    lc.start_node("prefill", "p0", 10).wait_for_line("prefill p0 listening")
+    lc.start_node("decode", "d0", 40).wait_for_line("decode d0 listening")
+    assert wait_until(lambda: lc.serving() == {"p0", "d0"}, 10), lc.status()
+    assert lc.metric("pdgrpc_membership_etcd_up") == 1
+
+    lc.etcd.kill()
+    assert wait_until(lambda: lc.metric("pdgrpc_membership_etcd_up") == 0, 10)
+    coordinator = lc.procs["coordinator-0"]
+    assert wait_until(lambda: any("unreachable" in x and "last membership" in x for x in coordinator.lines), 5)
+    # Serving goes on with the last membership seen, for longer than the nodes' 2 s lease.
+    for i in range(8):
+        assert _complete(lc.coordinators[0], f"while etcd is down {i}") == "d0"
+        time.sleep(0.5)
+    assert lc.serving() == {"p0", "d0"}
+    assert sum("unreachable" in x for x in coordinator.lines) == 1  # said once, not per retry
+
+    lc.etcd.start()  # same data, same ports
+    assert wait_until(lambda: lc.metric("pdgrpc_membership_etcd_up") == 1, 15)
+    assert wait_until(lambda: any("etcd at" in x and "reachable" in x for x in lc.procs["d0"].lines[-20:]), 15)
+    # Registration works again: a node started now joins.
+    lc.start_node("decode", "d1", 41).wait_for_line("decode d1 listening")
+    assert wait_until(lambda: lc.serving() == {"p0", "d0", "d1"}, 10), lc.status()
+    assert _complete(lc.coordinators[0])
+
+
+# ---- e2e: pdgrpc up replaces a node that dies (no etcd) -------------------------------------
+
+def _child_pid(launcher_pid: int, name: str) -> int | None:
+    with open(f"/proc/{launcher_pid}/task/{launcher_pid}/children") as f:
+        for pid in f.read().split():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as c:
+                    if f"--name\0{name}\0".encode() in c.read():
+                        return int(pid)
+            except FileNotFoundError:
+                continue
+    return None
+
+
+@pytest.mark.e2e
+def test_up_restarts_a_dead_node_and_keeps_serving():
+    base = free_port_base()
+    up = Proc(pdgrpc_cmd("up", "--engine", "mock", "--decode", "2", "--no-pin", "--port-base", str(base)))
+    address = f"127.0.0.1:{base}"
+    try:
+        up.wait_for_line("cluster ready", timeout_s=120)
+        old = _child_pid(up.proc.pid, "decode-1")
+        assert old is not None
+        os.kill(old, signal.SIGKILL)
+        up.wait_for_line("pdgrpc up: decode-1 exited with status -9", timeout_s=10)
+        # Meanwhile the cluster serves, on decode-0.
+        assert _complete(address) == "decode-0"
+        up.wait_for_line("pdgrpc up: decode-1 restarted (restart 1", timeout_s=10)
+        new = _child_pid(up.proc.pid, "decode-1")
+        assert new not in (None, old)
+        with Client(address) as c:
+            assert wait_until(lambda: all(n.health is NodeHealth.SERVING for n in c.cluster_status().nodes), 20)
+        out = subprocess.run(pdgrpc_cmd("status", "--coordinator", address), capture_output=True, text=True,
+                             timeout=30)
+        assert out.returncode == 0, out.stderr
+        rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()[1:-1]}
+        assert sorted(rows) == ["decode-0", "decode-1", "prefill-0"]
+        assert rows["decode-1"][1:6] == ["decode", "127.0.0.1", f"127.0.0.1:{base + 41}", f"127.0.0.1:{base + 1}",
+                                         "serving"]
+        assert up.alive()
+        up.proc.send_signal(signal.SIGTERM)
+        assert up.proc.wait(timeout=60) == 0
+        assert "cluster stopped" in up.lines
+    finally:
+        if up.alive():
+            os.killpg(up.proc.pid, signal.SIGKILL)
