@@ -29,8 +29,8 @@ def add_arguments(parser) -> None:
                         help="this process's index among [coordinator] processes (metrics on metrics_port + worker)")
     parser.add_argument("--grace-s", type=float, default=30.0, help="drain time on SIGTERM")
     parser.add_argument("--store-token", default=os.environ.get("PDGRPC_STORE_TOKEN", ""))
-    parser.add_argument("--etcd", default=None,
-                        help="etcd client URL for membership (overrides [membership] etcd; '' for the static list)")
+    parser.add_argument("--etcd", default=os.environ.get("PDGRPC_ETCD") or None,
+                        help="etcd client URL for membership (default $PDGRPC_ETCD; overrides [membership] etcd)")
     parser.add_argument("--log-level", default="info")
 
 
