@@ -7,6 +7,7 @@ The etcd tests start their own throwaway etcd on free ports (never 2379) and ski
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -119,7 +120,7 @@ class Etcd:
                     "--listen-peer-urls", f"http://127.0.0.1:{self.peer}",
                     "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer}",
                     "--initial-cluster", f"t=http://127.0.0.1:{self.peer}", "--log-level", "warn"]
-        self.proc: subprocess.Popen | None = None
+        self.proc: Proc | None = None
         self.start()
 
     def healthy(self) -> bool:
@@ -129,21 +130,15 @@ class Etcd:
             return False
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        assert wait_until(self.healthy, 20), "etcd did not become healthy"
+        self.proc = Proc(self.cmd)
+        assert wait_until(self.healthy, 20), "etcd did not become healthy:\n" + "\n".join(self.proc.lines[-20:])
 
     def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
+        self.proc.signal(signal.SIGKILL)
+        self.proc.proc.wait(timeout=10)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.proc.stop()
 
 
 class EtcdCluster:
@@ -260,17 +255,22 @@ def test_etcd_killed_serving_continues_and_registration_resumes(etcd_cluster):
     lc.etcd.kill()
     assert wait_until(lambda: lc.metric("pdgrpc_membership_etcd_up") == 0, 10)
     coordinator = lc.procs["coordinator-0"]
-    assert wait_until(lambda: any("unreachable" in x and "last membership" in x for x in coordinator.lines), 5)
+    down = re.compile(r"etcd at \S+ unreachable .*last membership")
+    assert wait_until(lambda: any(down.search(x) for x in coordinator.lines), 5)
     # Serving goes on with the last membership seen, for longer than the nodes' 2 s lease.
     for i in range(8):
         assert _complete(lc.coordinators[0], f"while etcd is down {i}") == "d0"
         time.sleep(0.5)
     assert lc.serving() == {"p0", "d0"}
-    assert sum("unreachable" in x for x in coordinator.lines) == 1  # said once, not per retry
+    assert sum(bool(down.search(x)) for x in coordinator.lines) == 1  # said once, not per retry
+    node = lc.procs["d0"]
+    assert wait_until(lambda: any(re.search(r"etcd at \S+ unreachable", x) for x in node.lines), 5)
 
     lc.etcd.start()  # same data, same ports
     assert wait_until(lambda: lc.metric("pdgrpc_membership_etcd_up") == 1, 15)
-    assert wait_until(lambda: any("etcd at" in x and "reachable" in x for x in lc.procs["d0"].lines[-20:]), 15)
+    # The node says so once it reaches etcd again (after its "unreachable" line).
+    assert wait_until(lambda: re.search(r"etcd at \S+ unreachable[\s\S]*etcd at \S+ reachable",
+                                        "\n".join(node.lines)), 15)
     # Registration works again: a node started now joins.
     lc.start_node("decode", "d1", 41).wait_for_line("decode d1 listening")
     assert wait_until(lambda: lc.serving() == {"p0", "d0", "d1"}, 10), lc.status()
