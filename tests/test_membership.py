@@ -6,6 +6,7 @@ The etcd tests start their own throwaway etcd on free ports (never 2379) and ski
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -13,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import Proc, free_port, free_port_base, http_json, pdgrpc_cmd, wait_until
@@ -294,10 +296,29 @@ def _child_pid(launcher_pid: int, name: str) -> int | None:
 @pytest.mark.e2e
 def test_up_restarts_a_dead_node_and_keeps_serving():
     base = free_port_base()
-    up = Proc(pdgrpc_cmd("up", "--engine", "mock", "--decode", "2", "--no-pin", "--port-base", str(base)))
+    # 20 ms per decode step: a 200-token request runs long enough to be seen holding KV.
+    up = Proc(pdgrpc_cmd("up", "--engine", "mock", "--decode", "2", "--no-pin", "--port-base", str(base),
+                         "--node-arg=--mock-decode-cost-per-step-s=0.02"))
     address = f"127.0.0.1:{base}"
     try:
         up.wait_for_line("cluster ready", timeout_s=120)
+        # `pdgrpc status --json` shows the running request and the KV its decode node holds.
+        def long_request():
+            with Client(address, timeout_s=60) as c:
+                return c.complete("a long one", max_tokens=200)
+
+        with ThreadPoolExecutor(1) as pool:
+            long = pool.submit(long_request)
+
+            def busy() -> dict | None:
+                out = subprocess.run(pdgrpc_cmd("status", "--coordinator", address, "--json"), capture_output=True,
+                                     text=True, timeout=30)
+                nodes = json.loads(out.stdout)["nodes"]
+                return next((n for n in nodes if n["role"] == "decode" and n["info"]["running_requests"] == 1
+                             and n["info"]["kv_cache_bytes"] > 0 and n["inflight_requests"] == 1), None)
+
+            assert wait_until(busy, 20), "no decode node reported the running request and its KV"
+            assert len(long.result(timeout=60).token_ids) == 200
         old = _child_pid(up.proc.pid, "decode-1")
         assert old is not None
         os.kill(old, signal.SIGKILL)
