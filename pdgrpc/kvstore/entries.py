@@ -215,6 +215,7 @@ class EntryTable:
         self._shm_owner: dict[str, str] = {}  # shm_name -> key, so one segment is adopted once
         self._by_location: dict[str, list[int]] = {}  # exact location -> [bytes, keys]
         self._on_remove = on_remove
+        self.on_arena_drop: Callable[[str], None] | None = None  # the transfer engine unregisters it
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -381,6 +382,8 @@ class EntryTable:
             self._remove(entry, reason)
         del self.arenas[name]
         self.used -= arena.size
+        if self.on_arena_drop is not None:
+            self.on_arena_drop(name)
         shm.unlink_segment(name)
         return len(victims)
 

@@ -22,7 +22,9 @@ pdgrpc binary path (no JSON, no base64)
   POST   /v1/kv/{key}/shm       {"shm_name","size","crc32","owner","lease_s","location"} adopt a segment,
                                 or with "offset": record a region of an arena (pdgrpc.kvstore.arena)
   POST   /v1/shm/arenas         {"size"} -> 201 {"arena","size"}: a pre-faulted arena for a same-host writer,
-                                at most the size asked (each arena <= 1/4 of the budget, all <= 1/2)
+                                at most the size asked (each arena <= 1/4 of the budget, all <= 1/2); with
+                                --transfer-engine mooncake also "transfer": {"engine","endpoint","address"}:
+                                the arena is registered memory other hosts read (pdgrpc.transfer.mooncake)
   GET    /v1/shm/arenas/{name}  -> {"arena","size","live":[[offset,size],...]}
   DELETE /v1/shm/arenas/{name}  -> {"released": n} (its entries go with it)
   DELETE /v1/owner/{owner}      -> {"released": n}
@@ -113,6 +115,12 @@ class StoreConfig:
     log_level: str = "info"
     access_log: bool = False
     arena_idle_s: float = 300.0  # an empty arena nobody wrote to for this long is deleted
+    # "mooncake": arenas are registered with a Mooncake TransferEngine for other hosts' decode nodes
+    # (pdgrpc.transfer.mooncake); "": none, no engine started (the one-host default).
+    transfer_engine: str = ""
+    transfer_host: str = ""  # the address other hosts reach the engine at (default: host)
+    transfer_protocol: str = "tcp"  # tcp, or rdma in production
+    transfer_device: str = ""  # RDMA NICs, e.g. mlx5_0
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -130,6 +138,10 @@ class StoreConfig:
             raise InvalidArgument(f"--arena-idle-s must be > 0 seconds, got {self.arena_idle_s}")
         if self.token is not None and not self.token.strip():
             raise InvalidArgument("token must not be blank")
+        if self.transfer_engine not in ("", "mooncake"):
+            raise InvalidArgument(f"--transfer-engine must be mooncake or empty, got {self.transfer_engine!r}")
+        if self.transfer_engine and (self.transfer_host or self.host) in ("0.0.0.0", "::"):
+            raise InvalidArgument("--transfer-engine needs the address other hosts reach: give --transfer-host")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise InvalidArgument(f"unknown log level {self.log_level!r}")
 
@@ -138,6 +150,8 @@ class StoreConfig:
         return cls(host=args.host, port=args.port, max_memory=parse_size(args.max_memory),
                    token=args.token or os.environ.get("PDGRPC_STORE_TOKEN") or None,
                    default_lease_s=args.default_lease_s, arena_idle_s=args.arena_idle_s, log_level=args.log_level,
+                   transfer_engine=args.transfer_engine, transfer_host=args.transfer_host,
+                   transfer_protocol=args.transfer_protocol, transfer_device=args.transfer_device,
                    access_log=args.access_log)
 
 
@@ -152,6 +166,17 @@ class Store:
         self._session: aiohttp.ClientSession | None = None
         self._arena_maps = arenas.ArenaReader()
         self.scope = str(config.port)  # shm names carry the port, so a restart finds its leftovers
+        self.exporter = None  # pdgrpc.transfer.mooncake.ArenaExporter with --transfer-engine mooncake
+
+    def start_transfer_engine(self) -> None:
+        """Start the transfer engine (never in the default, one-host store): arenas become registered memory."""
+        from pdgrpc.transfer.mooncake import ArenaExporter
+
+        cfg = self.config
+        self.exporter = ArenaExporter(cfg.transfer_host or cfg.host, cfg.transfer_protocol, cfg.transfer_device)
+        self.table.on_arena_drop = self.exporter.unregister
+        log.info("mooncake transfer engine at %s (%s): shm arenas are readable from other hosts",
+                 self.exporter.endpoint, cfg.transfer_protocol)
 
     # ---- helpers -----------------------------------------------------------------------------
 
@@ -423,7 +448,13 @@ class Store:
         except ResourceExhausted:  # other writes took the space meanwhile
             shm.unlink_segment(name)
             raise
-        return web.json_response({"arena": arena.name, "size": arena.size}, status=201)
+        answer = {"arena": arena.name, "size": arena.size}
+        if self.exporter is not None:
+            try:
+                answer["transfer"] = await asyncio.to_thread(self.exporter.register, name)
+            except PdgrpcError as exc:  # the arena still serves this host; other hosts read it over HTTP
+                log.warning("arena %s not registered with the transfer engine: %s", name, exc)
+        return web.json_response(answer, status=201)
 
     async def arena_info(self, request: web.Request) -> web.Response:
         arena = self.table.arena(request.match_info["name"])
@@ -499,6 +530,8 @@ class Store:
             await self._session.close()
         self.table.clear()  # unlinks every shm segment the store owns
         self._arena_maps.close()
+        if self.exporter is not None:
+            self.exporter.close()
 
     def build_app(self) -> web.Application:
         # The body cap is the memory budget: nothing larger could ever be stored anyway.
@@ -580,6 +613,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arena-idle-s", type=float, default=300.0,
                         help="delete a shm arena that has held no entry and seen no write for this long "
                              "(its writer is gone or idle; a live writer makes a new one; default 300)")
+    parser.add_argument("--transfer-engine", default="", choices=("", "mooncake"),
+                        help="register shm arenas with a Mooncake TransferEngine so decode nodes on other hosts "
+                             "read them (its ports: MC_MIN_RPC_PORT-MC_MAX_RPC_PORT; private network only)")
+    parser.add_argument("--transfer-host", default="", help="address other hosts reach the engine at (default --host)")
+    parser.add_argument("--transfer-protocol", default="tcp", choices=("tcp", "rdma"), help="engine transport")
+    parser.add_argument("--transfer-device", default="", help="RDMA NICs for the engine, e.g. mlx5_0,mlx5_1")
     parser.add_argument("--log-level", default="info", help="debug, info, warning, error (default info)")
     parser.add_argument("--access-log", action="store_true", help="log every request (off: it is noise)")
 
@@ -604,6 +643,13 @@ async def serve(config: StoreConfig) -> int:
     port = runner.addresses[0][1] if runner.addresses else config.port  # the real one when --port 0
     where = _hostport(config.host, port)
     store.scope = str(port)
+    if config.transfer_engine:
+        try:
+            store.start_transfer_engine()
+        except PdgrpcError as exc:
+            await runner.cleanup()
+            print(f"pdgrpc kvstore: {exc.message}", file=sys.stderr)
+            return 1
     leftovers = shm.remove_scope(str(port))
     if leftovers:
         log.warning("removed %d shared-memory segments left by a previous store on port %d", leftovers, port)

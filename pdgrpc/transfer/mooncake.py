@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import enum
+import importlib.util
 import logging
 import mmap
 import os
@@ -66,7 +67,14 @@ _MIN_STAGING = 1 << 20
 _KEEP_PER_SIZE = 4  # free staging buffers kept per size class
 
 
+def _set_env_defaults() -> None:
+    """Before the library is first imported: it reads some of these when it loads."""
+    for name, value in ENV_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
 def available() -> bool:
+    _set_env_defaults()
     try:
         import mooncake.engine  # noqa: F401
     except ImportError:  # not installed, or libibverbs1 missing
@@ -76,8 +84,7 @@ def available() -> bool:
 
 def start_engine(local_ip: str, protocol: str = "tcp", device: str = ""):
     """A TransferEngine on ``local_ip`` with P2P handshake; Unavailable if it does not start."""
-    for name, value in ENV_DEFAULTS.items():
-        os.environ.setdefault(name, value)  # read by the engine at initialize
+    _set_env_defaults()
     try:
         from mooncake.engine import TransferEngine
     except ImportError as exc:
@@ -219,17 +226,27 @@ class MooncakeTransfer(KVTransfer):
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
         self._engine = None
+        self._loads: bool | None = None  # whether the library loads here (tried at the first use)
         self._pool: _StagingPool | None = None
         self._start_lock = asyncio.Lock()
         self._threads = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="pdgrpc-mooncake")
 
     @classmethod
     def available(cls) -> bool:
-        return available()
+        # Only whether it is installed: the library is loaded at the first descriptor from another
+        # host with an endpoint (never on one host), and if it cannot load, ``http`` takes over.
+        return importlib.util.find_spec("mooncake") is not None
 
     def accepts(self, d: KVDescriptor) -> bool:
-        return bool(d.transfer_endpoint and d.transfer_address) and d.location != "device" \
-            and not self.ctx.is_own(d.store_address)
+        remote = not self.ctx.is_own(d.store_address) and d.location != "device"
+        if not (remote and d.transfer_endpoint and d.transfer_address):
+            return False
+        if self._loads is None:
+            self._loads = available()
+            if not self._loads:
+                log.warning("mooncake transfer engine cannot load (libibverbs1 missing?): KV from other hosts "
+                            "over HTTP")
+        return self._loads
 
     async def _started(self, endpoint: str) -> _StagingPool:
         async with self._start_lock:
