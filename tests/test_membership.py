@@ -322,6 +322,7 @@ def test_up_restarts_a_dead_node_and_keeps_serving():
         old = _child_pid(up.proc.pid, "decode-1")
         assert old is not None
         os.kill(old, signal.SIGKILL)
+        t0 = time.monotonic()
         up.wait_for_line("pdgrpc up: decode-1 exited with status -9", timeout_s=10)
         # Meanwhile the cluster serves, on decode-0.
         assert _complete(address) == "decode-0"
@@ -330,6 +331,7 @@ def test_up_restarts_a_dead_node_and_keeps_serving():
         assert new not in (None, old)
         with Client(address) as c:
             assert wait_until(lambda: all(n.health is NodeHealth.SERVING for n in c.cluster_status().nodes), 20)
+        print(f"decode-1 serving again {time.monotonic() - t0:.2f}s after SIGKILL")
         out = subprocess.run(pdgrpc_cmd("status", "--coordinator", address), capture_output=True, text=True,
                              timeout=30)
         assert out.returncode == 0, out.stderr
