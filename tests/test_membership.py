@@ -109,6 +109,24 @@ def test_launcher_restarts_with_backoff():
     assert procs.children[0].delay_s == 1
 
 
+@pytest.mark.fast
+def test_up_passes_etcd_to_nodes_and_coordinator(tmp_path):
+    from pdgrpc.launcher import node_command, write_toml
+
+    cfg = cfgmod.from_dict({"prefill": [{}], "decode": [{}],
+                            "membership": {"etcd": "http://127.0.0.1:23999", "lease_ttl_s": 3}})
+    cmd = node_command(cfg.nodes[0], cfg, [])
+    i = cmd.index("--etcd")
+    assert cmd[i:i + 6] == ["--etcd", "http://127.0.0.1:23999", "--etcd-prefix", "/pdgrpc/", "--lease-ttl-s", "3"]
+    write_toml(cfg, str(tmp_path / "c.toml"))
+    assert cfgmod.load(str(tmp_path / "c.toml")).membership == cfg.membership
+    # Without etcd nothing changes: no flag, no [membership] table.
+    plain = cfgmod.from_dict({"prefill": [{}], "decode": [{}]})
+    assert "--etcd" not in node_command(plain.nodes[0], plain, [])
+    write_toml(plain, str(tmp_path / "p.toml"))
+    assert "[membership]" not in (tmp_path / "p.toml").read_text()
+
+
 # ---- e2e with etcd --------------------------------------------------------------------------
 
 class Etcd:

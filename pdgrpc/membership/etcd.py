@@ -86,7 +86,9 @@ class EtcdGateway:
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession()
+            # A watch message holds every event of one revision on one line: room for a few thousand
+            # node records (the default would fail on lines over 64 KiB and fall back to a resync).
+            self._session = aiohttp.ClientSession(read_bufsize=1 << 20)
         return self._session
 
     async def call(self, path: str, body: dict, timeout_s: float = CALL_TIMEOUT_S) -> dict:
