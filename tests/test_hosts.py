@@ -297,3 +297,33 @@ def test_mooncake_failures_become_statuses_never_a_hang():
                         "sys.argv[1], method='DELETE'), timeout=10)", f"http://{address}/v1/shm/arenas/{name}")
         gone = read(d)
         assert gone["code"] == "NOT_FOUND", gone
+
+
+@needs_netns
+@needs_mooncake
+def test_cutting_host_a_mid_transfer_fails_the_request_unavailable_not_a_hang():
+    """The whole cluster: prefill on A, decode and coordinator on B, KV over Mooncake through A's
+    link shaped to 8 Mbit/s (9 MB of KV take ~9 s); A's link cut while decode reads -> the request
+    ends UNAVAILABLE (or is answered exactly after a retry), well before the client's 60 s deadline."""
+    prompt = "The quick brown fox jumps over the lazy dog. " * 4  # ~200 tokens: ~9 MB of mock KV
+    with netns_hosts.Hosts(2) as hosts:
+        cluster = netns_hosts.HostCluster(hosts, [("prefill",), ("decode",)], transfer_engine="mooncake",
+                                          coordinator_host=1, env=FAST_FAIL)
+        try:
+            cluster.start()
+            subprocess.run(["ip", "netns", "exec", hosts.name(0), "tc", "qdisc", "add", "dev", "eth0", "root", "tbf",
+                            "rate", "8mbit", "burst", "64kb", "latency", "50ms"], check=True)
+            request = hosts.run(1, [sys.executable, "-c", _COMPLETE, cluster.coordinator_address,
+                                    json.dumps({"prompt": prompt, "max_tokens": 8})])
+            # Decode on B has started reading once A's store holds the request's KV.
+            assert wait_until(lambda: metric(store_metrics(hosts, cluster, 0), "pdgrpc_store_writes_total") > 0, 30)
+            hosts.link(0, up=False)
+            line = request.wait_for_line('{"', timeout_s=90)
+            got = json.loads(line[line.index("{"):])
+            print("after the cut:", got)
+            assert got.get("code") == "UNAVAILABLE" or got.get("text") == mock_reference(prompt, 8)[1], got
+            assert got.get("code") != "DEADLINE_EXCEEDED"
+            dec = decode_metrics(hosts, 1)
+            assert metric(dec, "pdgrpc_kv_transfer_failures_total", role="decode") > 0 or "text" in got
+        finally:
+            cluster.close()

@@ -198,6 +198,7 @@ class HostCluster:
     engine: str = "mock"
     model: str = ""
     transfer_engine: str = ""  # "mooncake": every store registers its arenas with a TransferEngine
+    coordinator_host: int = 0
     env: dict = field(default_factory=dict)
     stores: list[Proc] = field(default_factory=list)
     config_path: str = ""
@@ -207,7 +208,7 @@ class HostCluster:
 
     @property
     def coordinator_address(self) -> str:
-        return f"{self.hosts.ip(0)}:{COORDINATOR_PORT}"
+        return f"{self.hosts.ip(self.coordinator_host)}:{COORDINATOR_PORT}"
 
     def start(self) -> HostCluster:
         env = {"PDGRPC_PEER_STORES": "*", **self.env}
@@ -233,12 +234,13 @@ class HostCluster:
             proc.wait_for_line(needle)
         fd, self.config_path = tempfile.mkstemp(prefix="pdgrpc-hosts-", suffix=".toml")
         with os.fdopen(fd, "w") as f:
-            f.write(f'[store]\nhost = "{self.hosts.ip(0)}"\nport = {STORE_PORT}\n'
-                    f'[coordinator]\nhost = "{self.hosts.ip(0)}"\nport = {COORDINATOR_PORT}\nhttp_port = 0\n'
+            here = self.hosts.ip(self.coordinator_host)
+            f.write(f'[store]\nhost = "{here}"\nport = {STORE_PORT}\n'
+                    f'[coordinator]\nhost = "{here}"\nport = {COORDINATOR_PORT}\nhttp_port = 0\n'
                     f'health_interval_s = 0.5\n[defaults]\nengine = "{self.engine}"\n')
             for role, name, host, port in nodes:
                 f.write(f'[[{role}]]\nname = "{name}"\nhost = "{host}"\nport = {port}\n')
-        coord = self.hosts.run(0, pdgrpc("coordinator", "--config", self.config_path), env)
+        coord = self.hosts.run(self.coordinator_host, pdgrpc("coordinator", "--config", self.config_path), env)
         coord.wait_for_line("listening on")
         return self
 
