@@ -259,8 +259,9 @@ def test_node_added_at_run_time_serves_and_a_dead_one_leaves(etcd_cluster):
     assert any("joined the pool" in line and "d1" in line for line in lc.procs["coordinator-0"].lines)
 
     # A node stopped with SIGTERM leaves at once (it revokes its lease before draining).
-    lc.procs["d1"].stop()
-    assert "d1" not in lc.status(0)
+    assert lc.procs["d1"].stop() == 0
+    assert any("deregistered /pdgrpc/nodes/d1 from etcd" in x for x in lc.procs["d1"].lines)
+    assert wait_until(lambda: "d1" not in lc.status(0) and "d1" not in lc.status(1), 5)
 
 
 @needs_etcd
