@@ -6,6 +6,7 @@ The etcd tests start their own throwaway etcd on free ports (never 2379) and ski
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -159,6 +160,48 @@ class Etcd:
 
     def stop(self) -> None:
         self.proc.stop()
+
+
+async def _until(pred, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not pred() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return pred()
+
+
+@needs_etcd
+@pytest.mark.e2e
+async def test_watch_and_read_use_only_valid_records(tmp_path):
+    """The watch (changes) and the read (a coordinator starting later) agree, and both ignore values
+    that are not a record or sit under another node's key; a registration's revoke removes it."""
+    from pdgrpc.membership.etcd import EtcdGateway, EtcdMembership, Registration
+
+    etcd = Etcd(tmp_path)
+    gateway, watching, later = EtcdGateway(etcd.url), EtcdMembership(etcd.url, "/t/"), None
+    try:
+        seen: list[dict] = []
+        await watching.start(seen.append)
+        assert seen == [{}] and watching.etcd_up
+        d0 = NodeRecord("d0", "decode", "127.0.0.1:1", "h", "127.0.0.1:2", "fp", 8)
+        registration = Registration(etcd.url, "/t/", 2, d0)
+        await registration.start()
+        lease = await gateway.grant(5)
+        await gateway.put("/t/nodes/junk", "not json", lease)
+        await gateway.put("/t/nodes/d7", NodeRecord("d9", "decode", "127.0.0.1:3").to_json(), lease)
+        await gateway.put("/other/nodes/d8", NodeRecord("d8", "decode", "127.0.0.1:4").to_json(), lease)
+        assert await _until(lambda: seen[-1] == {"d0": d0}), seen[-1]
+        later = EtcdMembership(etcd.url, "/t/")
+        read: list[dict] = []
+        await later.start(read.append)
+        assert read[-1] == {"d0": d0}
+        await registration.close()
+        assert await _until(lambda: seen[-1] == {}), seen[-1]
+    finally:
+        for m in (watching, later):
+            if m is not None:
+                await m.close()
+        await gateway.close()
+        etcd.stop()
 
 
 class EtcdCluster:

@@ -107,7 +107,10 @@ class EtcdGateway:
         return out
 
     async def grant(self, ttl_s: int) -> str:
-        return (await self.call("lease/grant", {"TTL": ttl_s}))["ID"]
+        lease = (await self.call("lease/grant", {"TTL": ttl_s})).get("ID")
+        if not lease:
+            raise EtcdError("lease/grant: no lease ID in the answer")
+        return lease
 
     async def keepalive(self, lease: str) -> bool:
         """True while etcd still has the lease."""
@@ -123,9 +126,12 @@ class EtcdGateway:
     async def range_prefix(self, prefix: str, count_only: bool = False) -> tuple[list[tuple[str, bytes]], int]:
         out = await self.call("kv/range", {"key": _b64(prefix), "range_end": _prefix_end(prefix),
                                            "count_only": count_only})
-        kvs = [(base64.b64decode(kv["key"]).decode(), base64.b64decode(kv.get("value", "")))
-               for kv in out.get("kvs", [])]
-        return kvs, int(out["header"]["revision"])
+        try:
+            kvs = [(base64.b64decode(kv["key"]).decode(), base64.b64decode(kv.get("value", "")))
+                   for kv in out.get("kvs", [])]
+            return kvs, int(out["header"]["revision"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise EtcdError(f"kv/range: unexpected answer: {exc!r}") from exc
 
     async def watch(self, prefix: str, start_revision: int):
         """Yields (type, key, value) for every event after start_revision; ends when the stream does."""
@@ -187,6 +193,7 @@ class Registration:
         self.ttl_s = ttl_s
         self.record = record
         self.lease: str | None = None
+        self.put_done = False   # the key is in etcd under self.lease
         self.state = _UpState(url, record.role, "retrying every second; the coordinators keep this node "
                                                 "until its lease expires")
         self._task: asyncio.Task | None = None
@@ -199,8 +206,10 @@ class Registration:
     async def _register_once(self) -> bool:
         try:
             if self.lease is None or not await self.gateway.keepalive(self.lease):
-                self.lease = await self.gateway.grant(self.ttl_s)
+                self.lease, self.put_done = await self.gateway.grant(self.ttl_s), False
+            if not self.put_done:  # also when the grant worked and the put did not
                 await self.gateway.put(self.key, self.record.to_json(), self.lease)
+                self.put_done = True
                 log.info("registered %s in etcd (lease %s, ttl %ds)", self.key, self.lease, self.ttl_s)
         except EtcdError as exc:
             self.state.set(False, str(exc))
@@ -267,10 +276,14 @@ class EtcdMembership(Membership):
 
     def _parse(self, key: str, value: bytes) -> NodeRecord | None:
         try:
-            return NodeRecord.from_json(value)
+            record = NodeRecord.from_json(value)
         except RecordError as exc:
             log.warning("ignoring %s in etcd: %s", key, exc)
             return None
+        if key != self.prefix + record.name:
+            log.warning("ignoring %s in etcd: its record names node %r", key, record.name)
+            return None
+        return record
 
     def _publish(self) -> None:
         for role in ("prefill", "decode", "colocated"):
@@ -304,9 +317,6 @@ class EtcdMembership(Membership):
             else:
                 record = self._parse(key, value)
                 if record is None:
-                    continue
-                if record.name != name:
-                    log.warning("ignoring %s in etcd: record names %r", key, record.name)
                     continue
                 if self.records.get(name) != record:
                     log.info("node %s (%s at %s) joined the membership", name, record.role, record.address)
