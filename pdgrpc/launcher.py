@@ -341,5 +341,8 @@ def main(args) -> int:
             os.rmdir(tmpdir)
         except OSError:
             pass
+    restarted = [f"{c.name} {c.restarts}" for c in procs.children if c.restarts]
+    if restarted:
+        print(f"pdgrpc up: restarts: {', '.join(restarted)}", file=sys.stderr, flush=True)
     print("cluster stopped", flush=True)
     return rc

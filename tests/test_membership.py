@@ -404,7 +404,7 @@ def test_up_restarts_a_dead_node_and_keeps_serving():
         assert up.alive()
         up.proc.send_signal(signal.SIGTERM)
         assert up.proc.wait(timeout=60) == 0
-        assert "cluster stopped" in up.lines
+        assert "cluster stopped" in up.lines and "pdgrpc up: restarts: decode-1 1" in up.lines
     finally:
         if up.alive():
             os.killpg(up.proc.pid, signal.SIGKILL)
