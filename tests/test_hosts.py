@@ -217,20 +217,6 @@ def test_prefill_on_a_decode_on_b_over_mooncake_is_exact(smol_reference):
             cluster.close()
 
 
-# Runs in host A: puts one entry through the store's arena (registered memory) and prints its descriptor.
-_PUT = textwrap.dedent("""
-    import asyncio, json, sys
-    from pdgrpc.kvstore.client import KVStoreClient
-    async def main():
-        async with KVStoreClient(sys.argv[1]) as c:
-            data = bytes(range(256)) * (int(sys.argv[2]) // 256)
-            p = await c.put("req-1.g0", data, owner="req-1", lease_s=120)
-        print(json.dumps({"key": p.key, "size_bytes": p.size, "crc32": p.crc32, "shm_name": p.shm_name,
-                          "shm_offset": p.shm_offset, "transfer_endpoint": p.transfer_endpoint,
-                          "transfer_address": p.transfer_address}))
-    asyncio.run(main())
-""")
-
 # Runs in host B: reads a descriptor with the mooncake path; prints the outcome and the quarantine.
 _READ = textwrap.dedent("""
     import asyncio, json, sys
@@ -270,7 +256,7 @@ def test_mooncake_failures_become_statuses_never_a_hang():
                                                 "--transfer-engine", "mooncake"), FAST_FAIL)
         store.wait_for_line("listening on")
         address = f"{hosts.ip(0)}:9015"
-        d = json.loads(hosts.python(0, _PUT, address, str(size)).strip().splitlines()[-1])
+        d = hosts.put(0, address, size, "req-1.g0", "req-1")
         assert d["transfer_endpoint"].startswith(hosts.ip(0) + ":") and d["transfer_address"], d
 
         def read(fields: dict) -> dict:

@@ -17,18 +17,6 @@ import textwrap
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import netns_hosts  # noqa: E402
 
-_PUT = textwrap.dedent("""
-    import asyncio, json, sys
-    from pdgrpc.kvstore.client import KVStoreClient
-    async def main():
-        async with KVStoreClient(sys.argv[1]) as c:
-            p = await c.put(sys.argv[3], bytes(range(256)) * (int(sys.argv[2]) // 256), owner="bench", lease_s=600)
-        print(json.dumps({"key": p.key, "size_bytes": p.size, "crc32": p.crc32, "shm_name": p.shm_name,
-                          "shm_offset": p.shm_offset, "transfer_endpoint": p.transfer_endpoint,
-                          "transfer_address": p.transfer_address}))
-    asyncio.run(main())
-""")
-
 _READ = textwrap.dedent("""
     import asyncio, json, statistics, sys, time
     from pdgrpc.kvstore.client import KVStoreClient
@@ -103,7 +91,7 @@ def main() -> int:
         address = f"{hosts.ip(0)}:9015"
         for mb in (int(x) for x in args.sizes_mb.split(",")):
             n = mb << 20
-            d = json.loads(hosts.python(0, _PUT, address, str(n), f"bench-{mb}").strip().splitlines()[-1])
+            d = hosts.put(0, address, n, f"bench-{mb}", "bench")
             paths = json.loads(hosts.python(1, _READ, address, json.dumps(d), str(args.rounds), "mooncake,http",
                                             timeout_s=600).strip().splitlines()[-1])
             server = hosts.run(0, [sys.executable, "-c", _TCP_SERVER, hosts.ip(0), str(n), str(args.rounds)])

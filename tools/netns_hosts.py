@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import signal
@@ -171,6 +172,10 @@ class Hosts:
             raise RuntimeError(f"python in {self.name(i)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
         return done.stdout
 
+    def put(self, i: int, store: str, size: int, key: str, owner: str) -> dict:
+        """Put ``size`` bytes under ``key`` in ``store`` from host ``i``; the descriptor fields (PUT_SCRIPT)."""
+        return json.loads(self.python(i, PUT_SCRIPT, store, str(size), key, owner).strip().splitlines()[-1])
+
     def fetch(self, i: int, url: str) -> str:
         """GET ``url`` from inside host ``i`` (e.g. a node's /metrics)."""
         return self.python(i, "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=10)"
@@ -183,6 +188,21 @@ class Hosts:
         for i in range(self.n):
             _ip("netns", "del", self.name(i), check=False)
         _ip("netns", "del", self.switch, check=False)
+
+
+# Run in a host: put one entry of argv[2] bytes (a repeating byte pattern) under key argv[3], owner
+# argv[4], in the store at argv[1] (its shm arena on that host), and print the fields of its descriptor.
+PUT_SCRIPT = """
+import asyncio, json, sys
+from pdgrpc.kvstore.client import KVStoreClient
+async def main():
+    async with KVStoreClient(sys.argv[1]) as c:
+        p = await c.put(sys.argv[3], bytes(range(256)) * (int(sys.argv[2]) // 256), owner=sys.argv[4], lease_s=600)
+    print(json.dumps({"key": p.key, "size_bytes": p.size, "crc32": p.crc32, "shm_name": p.shm_name,
+                      "shm_offset": p.shm_offset, "transfer_endpoint": p.transfer_endpoint,
+                      "transfer_address": p.transfer_address}))
+asyncio.run(main())
+"""
 
 
 def pdgrpc(*args: str) -> list[str]:
