@@ -59,6 +59,9 @@ def cleanup_stale() -> int:
         name = line.split()[0] if line.split() else ""
         m = _NAME_RE.match(name)
         if m and not os.path.exists(f"/proc/{m.group(1)}"):
+            for pid in _ip("netns", "pids", name, check=False).stdout.split():  # a killed run's processes
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
             _ip("netns", "del", name, check=False)
             gone += 1
     return gone
