@@ -87,13 +87,14 @@ class MembershipSection:
     static node lists of this file. Set: nodes register under ``prefix`` with a lease of
     ``lease_ttl_s`` (a node that dies leaves after it), coordinators watch the prefix."""
 
-    etcd: str = ""              # e.g. http://10.0.0.5:2379 (etcd's client URL; its JSON gateway)
+    etcd: str = ""              # e.g. http://10.0.0.5:2379 (etcd's client URL; its JSON gateway); several: a,b,c
     prefix: str = "/pdgrpc/"
     lease_ttl_s: int = 5        # etcd's minimum is 2
 
     def validate(self) -> "MembershipSection":
-        if self.etcd and not re.match(r"^https?://[^/\s]+/?$", self.etcd):
-            raise ConfigError(f"[membership] etcd must be a URL like http://HOST:2379, not {self.etcd!r}")
+        if self.etcd and not all(re.match(r"^https?://[^/\s,]+/?$", u.strip()) for u in self.etcd.split(",")):
+            raise ConfigError(f"[membership] etcd must be a URL like http://HOST:2379 (or several, comma-separated), "
+                              f"not {self.etcd!r}")
         if not self.prefix.startswith("/") or not self.prefix.endswith("/"):
             raise ConfigError(f"[membership] prefix must start and end with '/', not {self.prefix!r}")
         if isinstance(self.lease_ttl_s, bool) or not isinstance(self.lease_ttl_s, int) or self.lease_ttl_s < 2:

@@ -53,6 +53,10 @@ def test_membership_config_validated():
     # With etcd the file need not list nodes: they register themselves.
     cfg = cfgmod.from_dict({"membership": {"etcd": "http://10.0.0.5:2379", "lease_ttl_s": 3}})
     assert (cfg.membership.etcd, cfg.membership.lease_ttl_s, cfg.nodes) == ("http://10.0.0.5:2379", 3, ())
+    several = "http://10.0.0.5:2379, http://10.0.0.6:2379,http://10.0.0.7:2379"
+    assert cfgmod.from_dict({"membership": {"etcd": several}}).membership.etcd == several
+    with pytest.raises(cfgmod.ConfigError, match="URL"):
+        cfgmod.from_dict({"membership": {"etcd": "http://10.0.0.5:2379,10.0.0.6:2379"}})
     with pytest.raises(cfgmod.ConfigError, match="at least one prefill"):
         cfgmod.from_dict({})
     for bad, what in (({"lease_ttl_s": 1}, "lease_ttl_s"), ({"lease_ttl_s": 2.5}, "lease_ttl_s"),
@@ -190,7 +194,8 @@ async def test_watch_and_read_use_only_valid_records(tmp_path):
         await gateway.put("/t/nodes/d7", NodeRecord("d9", "decode", "127.0.0.1:3").to_json(), lease)
         await gateway.put("/other/nodes/d8", NodeRecord("d8", "decode", "127.0.0.1:4").to_json(), lease)
         assert await _until(lambda: seen[-1] == {"d0": d0}), seen[-1]
-        later = EtcdMembership(etcd.url, "/t/")
+        # Several members: the first one listed is down, the next one answers.
+        later = EtcdMembership(f"http://127.0.0.1:{free_port()},{etcd.url}", "/t/")
         read: list[dict] = []
         await later.start(read.append)
         assert read[-1] == {"d0": d0}

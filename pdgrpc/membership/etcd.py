@@ -79,9 +79,19 @@ def node_key(prefix: str, name: str) -> str:
 class EtcdGateway:
     """The few etcd v3 calls membership needs, as JSON over HTTP."""
 
-    def __init__(self, url: str) -> None:
-        self.url = url.rstrip("/")
+    def __init__(self, urls: str) -> None:
+        # One etcd member's client URL, or several, comma-separated: a call that fails is tried on the
+        # next member, and the next call starts where the last one worked.
+        self.urls = [u.strip().rstrip("/") for u in urls.split(",") if u.strip()]
+        self._current = 0
         self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def url(self) -> str:
+        return self.urls[self._current]
+
+    def next_member(self) -> None:
+        self._current = (self._current + 1) % len(self.urls)
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -92,6 +102,14 @@ class EtcdGateway:
         return self._session
 
     async def call(self, path: str, body: dict, timeout_s: float = CALL_TIMEOUT_S) -> dict:
+        for _ in range(len(self.urls) - 1):
+            try:
+                return await self._call(path, body, timeout_s)
+            except EtcdError:
+                self.next_member()
+        return await self._call(path, body, timeout_s)
+
+    async def _call(self, path: str, body: dict, timeout_s: float) -> dict:
         try:
             async with self.session.post(f"{self.url}/v3/{path}", json=body,
                                          timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
@@ -102,6 +120,8 @@ class EtcdGateway:
             out = json.loads(text)
         except ValueError as exc:
             raise EtcdError(f"{path}: HTTP {resp.status}, not JSON: {text[:200]!r}") from exc
+        if not isinstance(out, dict):
+            raise EtcdError(f"{path}: HTTP {resp.status}, not a JSON object: {text[:200]!r}")
         if resp.status != 200 or "error" in out:
             raise EtcdError(f"{path}: HTTP {resp.status}: {out.get('message') or out.get('error') or text[:200]}")
         return out
@@ -157,7 +177,9 @@ class EtcdGateway:
                         yield (ev.get("type", "PUT"), base64.b64decode(kv.get("key", "")).decode(),
                                base64.b64decode(kv.get("value", "")))
         except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            self.next_member()
             raise EtcdError(f"watch: {type(exc).__name__}: {exc}") from exc
+        self.next_member()
         raise EtcdError("watch stream ended")
 
     async def close(self) -> None:
