@@ -215,7 +215,8 @@ class EtcdCluster:
     def __init__(self, tmp_path, etcd: Etcd, coordinators: int = 1) -> None:
         self.etcd, self.base, self.procs = etcd, free_port_base(), {}
         self.store = f"127.0.0.1:{self.base + 1}"
-        self.coordinators = [f"127.0.0.1:{self.base + 5 + k}" for k in range(coordinators)]
+        # Ports free_port_base reserved: coordinator k on base + 2k (base + 2 is no HTTP front here).
+        self.coordinators = [f"127.0.0.1:{self.base + 2 * k}" for k in range(coordinators)]
         self.procs["store"] = Proc(pdgrpc_cmd("kvstore", "--port", str(self.base + 1), "--max-memory", "128MB"))
         self.procs["store"].wait_for_line("kvstore ")
         for k, address in enumerate(self.coordinators):
