@@ -160,3 +160,40 @@ async def test_mooncake_cancelled_read_quarantines_its_buffer_once_the_engine_le
         if path._pool._quarantined:
             break
     assert len(path._pool._quarantined) == 1
+
+
+async def test_coordinator_releases_and_renews_in_every_store_a_request_published_to(monkeypatch):
+    """A store per host: the KV of a failed request is released in the store its descriptors named,
+    not only in the coordinator's own."""
+    from pdgrpc.coordinator import router as router_mod
+
+    calls: list[tuple[str, str, str]] = []
+
+    class Recorder:
+        def __init__(self, address: str, **_kw) -> None:
+            self.address, self.token = address, None
+
+        async def release_owner(self, owner: str) -> int:
+            calls.append(("release", self.address, owner))
+            return 1
+
+        async def renew(self, owner: str, lease_s: float) -> int:
+            calls.append(("renew", self.address, owner))
+            return 1
+
+        async def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(router_mod, "KVStoreClient", Recorder)
+    monkeypatch.setattr(router_mod, "LATE_RELEASE_DELAY_S", 0.01)
+    r = router_mod.Router(None, Recorder(OWN), 8, kv_lease_s=0.06)
+    r._owner_stores["req-1"] = {PEER}
+    r._live_owners.add("req-1")
+    r.start()
+    await asyncio.sleep(0.05)
+    await r.close()
+    assert ("renew", OWN, "req-1") in calls and ("renew", PEER, "req-1") in calls
+    r._release_later("req-1")
+    await asyncio.gather(*r._background)
+    assert calls.count(("release", PEER, "req-1")) == 2 and calls.count(("release", OWN, "req-1")) == 2
+    assert "req-1" not in r._owner_stores

@@ -8,8 +8,9 @@
   4. on PrefillDone send the first token to the client at once, then DecodeKVDone to decode
   5. stream decode's tokens to the client, then a final message with usage and timings
 On any failure, cancel or deadline both downstream calls are cancelled (gRPC carries the cancel
-to the nodes, which stop work and release what they hold) and the request's KV is released from
-the store by owner, again a little later to catch a publish that was in flight.
+to the nodes, which stop work and release what they hold) and the request's KV is released by owner
+from our store and every other store its descriptors named (a store per host), again a little later
+to catch a publish that was in flight; live requests' leases are renewed in the same stores.
 """
 
 from __future__ import annotations
@@ -111,6 +112,10 @@ class Router:
         self.inflight = 0
         self._background: set[asyncio.Task] = set()
         self._live_owners: set[str] = set()
+        # With a store per host, KV lives in the store of the prefill node's host: the stores other
+        # than ours that each live owner's descriptors named (renewed and released there too).
+        self._owner_stores: dict[str, set[str]] = {}
+        self._peer_stores: dict[str, KVStoreClient] = {}
         self._renewer: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -119,6 +124,16 @@ class Router:
     async def close(self) -> None:
         if self._renewer:
             self._renewer.cancel()
+        await asyncio.gather(*(c.close() for c in self._peer_stores.values()))
+
+    def _stores_of(self, owner: str) -> list[KVStoreClient]:
+        """Our store and the other stores ``owner``'s KV was published to."""
+        peers = []
+        for address in sorted(self._owner_stores.get(owner, ())):
+            if address not in self._peer_stores:
+                self._peer_stores[address] = KVStoreClient(address, token=self.store.token, use_shm=False)
+            peers.append(self._peer_stores[address])
+        return [self.store, *peers]
 
     async def _renew_leases(self) -> None:
         """Live requests keep their KV: renew at a third of the lease, so only the KV of requests
@@ -126,10 +141,11 @@ class Router:
         while True:
             await asyncio.sleep(self.kv_lease_s / 3)
             for owner in list(self._live_owners):
-                try:
-                    await self.store.renew(owner, self.kv_lease_s)
-                except PdgrpcError as exc:
-                    log.warning("lease renewal for %s failed: %s", owner, exc)
+                for store in self._stores_of(owner):
+                    try:
+                        await store.renew(owner, self.kv_lease_s)
+                    except PdgrpcError as exc:
+                        log.warning("lease renewal for %s in %s failed: %s", owner, store.address, exc)
 
     async def generate(self, req: GenerateRequest, timeout_s: float | None) -> AsyncIterator[GenerateEvent]:
         p = _Progress(arrival=time.monotonic())
@@ -241,6 +257,8 @@ class Router:
                                                     metadata=self.pool.metadata)
                         tasks.append(asyncio.create_task(read_decode(dcall)))
                     elif isinstance(ev, KVDescriptor):
+                        if ev.store_address != self.store.address:
+                            self._owner_stores.setdefault(owner, set()).add(ev.store_address)
                         groups += 1
                         received_at[ev.group_index] = time.monotonic()
                         if state.attempt == 0:
@@ -318,6 +336,8 @@ class Router:
             decode_node.inflight -= 1
             if not finished or loaded < groups:
                 self._release_later(owner)
+            else:
+                self._owner_stores.pop(owner, None)
 
     async def _generate_colocated(self, req: GenerateRequest, rid: str, p: _Progress,
                                   timeout_s: float | None) -> AsyncIterator[GenerateEvent]:
@@ -395,12 +415,15 @@ class Router:
     def _release_later(self, rid: str) -> None:
         """Free the request's KV now, and once more after in-flight publishes have landed."""
         async def release() -> None:
+            stores = self._stores_of(rid)
+            self._owner_stores.pop(rid, None)
             for delay in (0.0, LATE_RELEASE_DELAY_S):
                 await asyncio.sleep(delay)
-                try:
-                    await self.store.release_owner(rid)
-                except PdgrpcError as exc:  # leases reclaim it in the end
-                    log.warning("release of %s failed: %s", rid, exc)
+                for store in stores:
+                    try:
+                        await store.release_owner(rid)
+                    except PdgrpcError as exc:  # leases reclaim it in the end
+                        log.warning("release of %s in %s failed: %s", rid, store.address, exc)
 
         task = asyncio.get_running_loop().create_task(release())
         self._background.add(task)
