@@ -286,14 +286,16 @@ def test_mooncake_failures_become_statuses_never_a_hang():
 
 
 @needs_netns
-@needs_mooncake
-def test_cutting_host_a_mid_transfer_fails_the_request_unavailable_not_a_hang():
-    """The whole cluster: prefill on A, decode and coordinator on B, KV over Mooncake through A's
-    link shaped to 8 Mbit/s (9 MB of KV take ~9 s); A's link cut while decode reads -> the request
-    ends UNAVAILABLE (or is answered exactly after a retry), well before the client's 60 s deadline."""
+@pytest.mark.parametrize("engine", [pytest.param("mooncake", marks=needs_mooncake), "http"])
+def test_cutting_host_a_mid_transfer_fails_the_request_unavailable_not_a_hang(engine):
+    """The whole cluster: prefill on A, decode and coordinator on B, KV over Mooncake (or A's store's
+    HTTP path) through A's link shaped to 8 Mbit/s (9 MB of KV take ~9 s); A's link cut while decode
+    reads -> the request ends UNAVAILABLE (or is answered exactly after a retry), well before the
+    client's 60 s deadline (the engine's timeout, or the peer store client's 5 s idle timeout)."""
     prompt = "The quick brown fox jumps over the lazy dog. " * 4  # ~200 tokens: ~9 MB of mock KV
     with netns_hosts.Hosts(2) as hosts:
-        cluster = netns_hosts.HostCluster(hosts, [("prefill",), ("decode",)], transfer_engine="mooncake",
+        cluster = netns_hosts.HostCluster(hosts, [("prefill",), ("decode",)],
+                                          transfer_engine="mooncake" if engine == "mooncake" else "",
                                           coordinator_host=1, env=FAST_FAIL)
         try:
             cluster.start()

@@ -144,7 +144,7 @@ def _is_local_host(host: str) -> bool:
 
 class KVStoreClient:
     def __init__(self, address: str, *, token: str | None = None, use_shm: bool | None = None,
-                 timeout_s: float = 30.0, shm_min_bytes: int = SHM_MIN_BYTES,
+                 timeout_s: float = 30.0, idle_timeout_s: float | None = None, shm_min_bytes: int = SHM_MIN_BYTES,
                  shm_arena_bytes: int = DEFAULT_ARENA_BYTES, inline_max_bytes: int = INLINE_MAX_BYTES) -> None:
         address = address.strip().removeprefix("http://").rstrip("/")
         if not address or address.startswith(":") or ":" not in address:
@@ -166,7 +166,10 @@ class KVStoreClient:
         self._arena_retry_at = 0.0
         self._reader = arenas.ArenaReader()
         self._auth = {"Authorization": f"Bearer {token}"} if token else {}
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        # idle_timeout_s: a connect, or a read of a body, that makes no progress this long fails
+        # (Unavailable) before the total: a store on another host that went away costs seconds.
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=idle_timeout_s, sock_read=idle_timeout_s)
+        self._json_timeout_s = min(timeout_s, idle_timeout_s or timeout_s)  # small JSON answers
         self._session: aiohttp.ClientSession | None = None  # KV bytes over HTTP
         self._channel: JsonChannel | None = None  # everything else
         self._releasing: set[asyncio.Task] = set()  # release_soon's (asyncio keeps only weak references)
@@ -560,7 +563,7 @@ class KVStoreClient:
         """A JSON call on the client's own connections (pdgrpc.kvstore.json_channel): sent before
         this returns when a pooled connection is free; ``_answer`` waits for and checks the answer."""
         if self._channel is None:
-            self._channel = JsonChannel(self.address, headers=self._auth, timeout_s=self._timeout.total)
+            self._channel = JsonChannel(self.address, headers=self._auth, timeout_s=self._json_timeout_s)
         return self._channel.call(method, path, b"" if payload is None else json.dumps(payload).encode())
 
     async def _answer(self, call: asyncio.Future) -> dict:

@@ -37,6 +37,7 @@ from pdgrpc.kvstore.client import KVStoreClient
 from pdgrpc.types import KVDescriptor
 
 ANY_STORE = "*"
+PEER_IDLE_TIMEOUT_S = 5.0  # another host's store that stops answering (link down, frozen) fails in seconds
 
 
 class TransferContext:
@@ -65,7 +66,8 @@ class TransferContext:
                                      "and no peer store of that address")
         client = self._peers.get(address)
         if client is None:
-            client = self._peers[address] = KVStoreClient(address, token=self.store.token, use_shm=False)
+            client = self._peers[address] = KVStoreClient(address, token=self.store.token, use_shm=False,
+                                                          idle_timeout_s=PEER_IDLE_TIMEOUT_S)
         return client
 
     async def close(self) -> None:
