@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from conftest import ROOT, mock_reference, wait_until
@@ -219,7 +221,7 @@ def test_prefill_on_a_decode_on_b_over_mooncake_is_exact(smol_reference):
 
 # Runs in host B: reads a descriptor with the mooncake path; prints the outcome and the quarantine.
 _READ = textwrap.dedent("""
-    import asyncio, json, sys
+    import asyncio, json, os, sys
     from pdgrpc.errors import PdgrpcError
     from pdgrpc.kvstore.client import KVStoreClient
     from pdgrpc.transfer.base import TransferContext
@@ -231,12 +233,18 @@ _READ = textwrap.dedent("""
                          layout=KVLayout("m", "f", 0, 1, 0, 1, 1, 1), lease_expiry_unix=0, **fields)
         path = MooncakeTransfer(TransferContext(KVStoreClient("127.0.0.1:9"), peer_stores=["*"]))
         dst = bytearray(d.size_bytes)
+        async def once():
+            try:
+                await path.read_into(d, dst)
+                return {"ok": dst == bytes(range(256)) * (d.size_bytes // 256)}
+            except PdgrpcError as exc:
+                return {"code": exc.code.value, "message": exc.message}
+        if len(sys.argv) > 3:  # one read first (connected to the peer), the next once the file argv[3] exists
+            print(json.dumps({"first": await once()}), flush=True)
+            while not os.path.exists(sys.argv[3]):
+                await asyncio.sleep(0.05)
         print("reading", flush=True)
-        try:
-            await path.read_into(d, dst)
-            out = {"ok": dst == bytes(range(256)) * (d.size_bytes // 256)}
-        except PdgrpcError as exc:
-            out = {"code": exc.code.value, "message": exc.message}
+        out = await once()
         out["quarantined"] = len(path._pool._quarantined) if path._pool else 0
         await path.ctx.close()
         print(json.dumps(out), flush=True)
@@ -246,10 +254,11 @@ _READ = textwrap.dedent("""
 
 @needs_netns
 @needs_mooncake
-def test_mooncake_failures_become_statuses_never_a_hang():
-    """Engine failures (rc -1) read from host B: A's link cut mid-read -> UNAVAILABLE within the
-    engine's timeout and the staging buffer quarantined; the arena dropped -> NOT_FOUND; a wrong CRC
-    -> DATA_LOSS; an ordinary read is exact. The reader's own deadline (60 s) would show a hang."""
+def test_mooncake_failures_become_statuses_never_a_hang(tmp_path):
+    """Engine failures (rc -1) read from host B: A's link cut mid-read, or A's store frozen ->
+    UNAVAILABLE within the engine's timeout and the staging buffer quarantined; the arena dropped ->
+    NOT_FOUND; a wrong CRC -> DATA_LOSS; an ordinary read is exact. A hang would run into the
+    reader's deadlines (60 s, 20 s for the frozen store)."""
     size = 16 << 20
     with netns_hosts.Hosts(2) as hosts:
         store = hosts.run(0, netns_hosts.pdgrpc("kvstore", "--host", hosts.ip(0), "--port", "9015",
@@ -276,6 +285,24 @@ def test_mooncake_failures_become_statuses_never_a_hang():
         cut = json.loads(line[line.index("{"):])
         assert cut["code"] == "UNAVAILABLE" and cut["quarantined"] == 1, cut
         hosts.link(0, up=True)
+
+        # A frozen peer (SIGSTOP) on a connection already made: UNAVAILABLE at the engine's timeout as
+        # set here (3 s), not its own 30 s: the reader gives up after 20 s.
+        d2 = hosts.put(0, address, 1 << 20, "req-2.g0", "req-2")
+        flag = tmp_path / "go"
+        reader = hosts.run(1, [sys.executable, "-c", _READ, address, json.dumps(d2), str(flag)], FAST_FAIL)
+        line = reader.wait_for_line('{"first"', timeout_s=30)
+        assert json.loads(line[line.index("{"):])["first"] == {"ok": True}
+        os.kill(store.proc.pid, signal.SIGSTOP)
+        try:
+            flag.touch()
+            t0 = time.monotonic()
+            line = reader.wait_for_line('"quarantined"', timeout_s=20)
+            print(f"frozen store: the read failed after {time.monotonic() - t0:.1f} s")
+        finally:
+            os.kill(store.proc.pid, signal.SIGCONT)
+        frozen = json.loads(line[line.index("{"):])
+        assert frozen["code"] == "UNAVAILABLE" and frozen["quarantined"] == 1, frozen
 
         # The arena dropped (its writer gone): unregistered at once, so the read fails; the key is gone.
         name = d["shm_name"]
