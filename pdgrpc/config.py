@@ -209,8 +209,8 @@ def _engine_options(raw: dict, defaults: EngineOptions) -> EngineOptions:
 
 _NODE_KEYS = {"name", "host", "port", "metrics_port", "cpus", "engine", "model", "device", "dtype", "threads",
               "max_requests", "max_batch", "stream_interval", "mock_prefill_cost_per_token_s",
-              "mock_decode_cost_per_step_s", "mock_layers_per_group", "prefill_chunk_tokens", "linear_kernel",
-              "mkl_dispatch"}
+              "mock_decode_cost_per_step_s", "mock_layers_per_group", "mock_profile", "prefill_chunk_tokens",
+              "linear_kernel", "mkl_dispatch"}
 
 
 def _section(cls, raw: dict, where: str):

@@ -150,6 +150,8 @@ def node_command(n: cfgmod.NodeSection, cluster: cfgmod.ClusterConfig, extra: li
            "--mock-prefill-cost-per-token-s", str(e.mock_prefill_cost_per_token_s),
            "--mock-decode-cost-per-step-s", str(e.mock_decode_cost_per_step_s),
            "--mock-layers-per-group", str(e.mock_layers_per_group)]
+    if e.mock_profile:
+        cmd += ["--mock-profile", e.mock_profile]
     if e.prefill_chunk_tokens:
         cmd += ["--prefill-chunk-tokens", str(e.prefill_chunk_tokens)]
     if e.linear_kernel:

@@ -51,6 +51,7 @@ class EngineOptions:
     mock_prefill_cost_per_token_s: float = 0.0
     mock_decode_cost_per_step_s: float = 0.0
     mock_layers_per_group: int = 6
+    mock_profile: str = ""         # mock: a cost model, a shipped name or a JSON path (engine.mock_profile)
     prefill_chunk_tokens: int = 0  # torch: prompts longer than this prefill in chunks of it (0: off)
     linear_kernel: str = ""        # torch: "" (chosen per shape at load), "onednn" or "torch" (forced)
     mkl_dispatch: str = ""         # torch on x86: "features" (MKL's kernels by CPU features; the default) or "vendor"

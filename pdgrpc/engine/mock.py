@@ -3,8 +3,10 @@
 Tokens are UTF-8 bytes (id = byte + 3; 0 pad, 1 bos, 2 eos). Prefill produces KV bytes of the
 configured shape, a deterministic function of the prompt; the tokens it generates depend on a
 CRC of the whole KV cache, so a decode node that loaded wrong or partial KV produces different
-text than the colocated run. Costs (sleep per prompt token and per decode step) let control-plane
-tests and load tests shape the timing.
+text than the colocated run. Costs are slept, never spun: a cost model (``mock_profile``, see
+pdgrpc.engine.mock_profile: prefill time by prompt length, decode step time by batch size and
+context, the model's KV geometry) or the two constants (sleep per prompt token and per decode step),
+which let control-plane tests and load tests shape the timing.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pdgrpc.engine.base import DecodeWork, Engine, KVGroup, PrefillWork, SampledToken, Tokenizer
+from pdgrpc.engine.mock_profile import MockProfile
 from pdgrpc.errors import FailedPrecondition, InvalidArgument
 from pdgrpc.types import ModelSpec
 
@@ -39,6 +42,7 @@ class MockEngineConfig:
     layers_per_group: int = 6
     prefill_cost_per_token_s: float = 0.0
     decode_cost_per_step_s: float = 0.0
+    profile: MockProfile | None = None  # replaces the two costs; its geometry must be this config's
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "float16", "bfloat16"):
@@ -50,6 +54,18 @@ class MockEngineConfig:
             raise ValueError("mock vocab_size must be >= 259 (byte tokens)")
         if self.prefill_cost_per_token_s < 0 or self.decode_cost_per_step_s < 0:
             raise ValueError("mock costs must be >= 0")
+        p = self.profile
+        if p is not None:
+            if self.prefill_cost_per_token_s or self.decode_cost_per_step_s:
+                raise ValueError("mock profile replaces the mock's cost constants; set one or the other")
+            ours = {k: getattr(self, k) for k in p.geometry}
+            if ours != p.geometry:
+                raise ValueError(f"mock geometry {ours} differs from profile {p.name}'s {p.geometry}")
+
+    @classmethod
+    def for_profile(cls, profile: MockProfile, **kwargs) -> "MockEngineConfig":
+        """A config with the profile's model geometry (layers, KV heads, head dim, dtype)."""
+        return cls(**{**kwargs, **profile.geometry, "profile": profile})
 
 
 class ByteTokenizer(Tokenizer):
@@ -91,6 +107,7 @@ class MockEngine(Engine):
             eos_token_ids=(_EOS,),
         )
         self.tokenizer = ByteTokenizer()
+        self.profile = c.profile or MockProfile.constant(c.prefill_cost_per_token_s, c.decode_cost_per_step_s)
 
     # ---- KV content -----------------------------------------------------------------------
 
@@ -153,7 +170,7 @@ class MockEngine(Engine):
             self._check_ids(ids)
             parts = []
             groups = range(0, c.num_layers, c.layers_per_group)
-            group_cost = c.prefill_cost_per_token_s * len(ids) / len(groups)
+            group_cost = self.profile.prefill_s(len(ids)) / len(groups)
             for start in groups:
                 if work.cancelled.is_set():
                     break
@@ -197,8 +214,9 @@ class MockEngine(Engine):
         seq.position = len(seq.work.prompt_token_ids)  # position of last_token
 
     def decode_step(self, seqs: list[_MockSequence]) -> list[SampledToken]:
-        if self.config.decode_cost_per_step_s:
-            time.sleep(self.config.decode_cost_per_step_s)
+        cost = self.profile.decode_step_s(len(seqs), sum(seq.position + 1 for seq in seqs))
+        if cost:
+            time.sleep(cost)
         out = []
         for seq in seqs:
             s = seq.work.sampling

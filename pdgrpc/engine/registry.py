@@ -15,6 +15,11 @@ from pdgrpc.engine.base import Engine, EngineOptions
 def _build_mock(opts: EngineOptions) -> Engine:
     from pdgrpc.engine.mock import MockEngine, MockEngineConfig
 
+    if opts.mock_profile:
+        from pdgrpc.engine.mock_profile import load_profile
+
+        profile = load_profile(opts.mock_profile)
+        return MockEngine(MockEngineConfig.for_profile(profile, layers_per_group=opts.mock_layers_per_group))
     return MockEngine(MockEngineConfig(
         dtype=opts.dtype or "float32",
         layers_per_group=opts.mock_layers_per_group,
@@ -50,9 +55,11 @@ ENGINES = tuple(BUILDERS)
 
 def check_options(opts: EngineOptions, where: str, error: type[Exception]) -> None:
     """Engine-specific options hold valid values and belong to the engine named (raises ``error``)."""
+    from pdgrpc.engine.mock_profile import check_mock_options
     from pdgrpc.engine.torch_options import check_torch_options
 
     check_torch_options(opts, where, error)
+    check_mock_options(opts, where, error)
 
 
 def build_engine(opts: EngineOptions) -> Engine:

@@ -212,6 +212,10 @@ def add_node_arguments(parser, role: Role) -> None:
     parser.add_argument("--mock-prefill-cost-per-token-s", type=float, default=0.0)
     parser.add_argument("--mock-decode-cost-per-step-s", type=float, default=0.0)
     parser.add_argument("--mock-layers-per-group", type=int, default=6)
+    parser.add_argument("--mock-profile", default="",
+                        help="mock engine: sleep what this cost model says (a shipped profile's name, e.g. "
+                             "smollm2-135m-cpu-epyc2 or llama3-8b-a100-vidur, or a JSON file) and take its "
+                             "model's KV geometry; replaces the two mock costs")
     parser.add_argument("--prefill-chunk-tokens", type=int, default=0,
                         help="torch engine: prefill prompts longer than this in chunks of it, letting prompts "
                              "that arrive meanwhile in between (0: one forward per prompt)")
@@ -251,7 +255,7 @@ def run_node(args, role: Role) -> int:
                 name=args.engine, model=args.model, device=args.device, dtype=args.dtype, threads=args.threads,
                 mock_prefill_cost_per_token_s=args.mock_prefill_cost_per_token_s,
                 mock_decode_cost_per_step_s=args.mock_decode_cost_per_step_s,
-                mock_layers_per_group=args.mock_layers_per_group,
+                mock_layers_per_group=args.mock_layers_per_group, mock_profile=args.mock_profile,
                 prefill_chunk_tokens=args.prefill_chunk_tokens, linear_kernel=args.linear_kernel,
                 mkl_dispatch=args.mkl_dispatch),
             cpus=parse_cpus(args.cpus), max_requests=args.max_requests, max_batch=args.max_batch,

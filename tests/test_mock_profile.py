@@ -1,0 +1,243 @@
+"""The mock engine's cost profiles (pdgrpc.engine.mock_profile): files parse and are checked, the
+model is the documented formula, the mock sleeps what it says (wall time, not CPU), and a cluster
+of nodes started with --mock-profile serves requests with the profile's KV geometry."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import time
+
+import pytest
+from conftest import pdgrpc_cmd
+
+from pdgrpc import config as cfgmod
+from pdgrpc.engine import mock as mock_module
+from pdgrpc.engine.base import DecodeWork, EngineOptions, KVGroup, PrefillWork, SampledToken
+from pdgrpc.engine.colocated import generate_colocated
+from pdgrpc.engine.mock import MockEngine, MockEngineConfig
+from pdgrpc.engine.mock_profile import MockProfile, ProfileError, load_profile, shipped_profiles
+from pdgrpc.engine.registry import build_engine, check_options
+from pdgrpc.types import SamplingParams
+
+SHIPPED = ("smollm2-135m-cpu-epyc2", "llama3-8b-a100-vidur")
+GREEDY = SamplingParams(max_tokens=1 << 20, ignore_eos=True)
+
+
+def _raw(**changes) -> dict:
+    raw = json.loads(load_profile("smollm2-135m-cpu-epyc2").to_json())
+    raw.update(changes)
+    return {k: v for k, v in raw.items() if v is not _DROP}
+
+
+_DROP = object()
+
+
+def _profile(**coef) -> MockProfile:
+    return MockProfile(name="t", model="m", hardware="h", source="test", num_layers=30, num_kv_heads=3,
+                       head_dim=64, dtype="float32", **coef)
+
+
+# ---- files ---------------------------------------------------------------------------------------
+
+@pytest.mark.fast
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_profiles_load_and_say_where_their_numbers_came_from(name):
+    p = load_profile(name)
+    assert name in shipped_profiles() and p.name == name
+    assert p.source.startswith("measured here with tools/calibrate_mock_profile.py" if "cpu" in name
+                               else "published: ")
+    assert p.kv_bytes_per_token == 2 * p.num_layers * p.num_kv_heads * p.head_dim * (4 if p.dtype == "float32" else 2)
+    assert p.prefill_s(512) > p.prefill_s(16) > 0 and p.decode_step_s(8, 4000) >= p.decode_step_s(1, 100) > 0
+    assert p.measurements  # the points the coefficients were fitted to travel with them
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("change, field", [
+    ({"source": _DROP}, "source"),
+    ({"source": " "}, "source"),
+    ({"decode_base_s": -0.001}, "decode_base_s"),
+    ({"prefill_per_token_s": "fast"}, "prefill_per_token_s"),
+    ({"prefill_per_token2_s": float("nan")}, "prefill_per_token2_s"),
+    ({"num_layers": 0}, "num_layers"),
+    ({"head_dim": 64.5}, "head_dim"),
+    ({"dtype": "int8"}, "dtype"),
+    ({"kv_bytes_per_token": 12345}, "kv_bytes_per_token"),
+    ({"decode_speed": 3}, "decode_speed"),
+])
+def test_bad_profile_files_are_refused_naming_the_field(tmp_path, change, field):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(_raw(**change)))
+    with pytest.raises(ProfileError, match=field) as err:
+        load_profile(str(path))
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.fast
+def test_unreadable_profiles_are_refused_with_a_message(tmp_path):
+    (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ProfileError, match="not valid JSON"):
+        load_profile(str(tmp_path / "broken.json"))
+    with pytest.raises(ProfileError, match="JSON object"):
+        load_profile(str(tmp_path / "list.json"))
+    with pytest.raises(ProfileError, match="cannot read"):
+        load_profile(str(tmp_path / "absent.json"))
+    with pytest.raises(ProfileError, match="no shipped mock profile 'gpt-9'.*smollm2-135m-cpu-epyc2"):
+        load_profile("gpt-9")
+
+
+# ---- the model -------------------------------------------------------------------------------------
+
+@pytest.mark.fast
+def test_modelled_times_follow_the_formula():
+    p = _profile(prefill_base_s=0.01, prefill_per_token_s=0.002, prefill_per_token2_s=1e-6,
+                 decode_base_s=0.005, decode_per_seq_s=0.0003, decode_per_context_token_s=2e-7)
+    assert p.prefill_s(100) == pytest.approx(0.01 + 0.2 + 0.01)
+    assert p.prefill_s(1000) == pytest.approx(0.01 + 2.0 + 1.0)
+    assert p.decode_step_s(4, 2000) == pytest.approx(0.005 + 0.0012 + 0.0004)
+    assert p.decode_step_s(32, 64000) == pytest.approx(0.005 + 0.0096 + 0.0128)
+    assert p.prefill_s(0) == 0 and p.decode_step_s(0, 0) == 0
+
+
+@pytest.mark.fast
+def test_the_two_constants_are_a_trivial_profile():
+    p = MockEngine(MockEngineConfig(prefill_cost_per_token_s=0.003, decode_cost_per_step_s=0.02)).profile
+    assert p.prefill_s(10) == pytest.approx(0.03) and p.prefill_s(300) == pytest.approx(0.9)
+    assert p.decode_step_s(1, 50) == pytest.approx(0.02) and p.decode_step_s(16, 9000) == pytest.approx(0.02)
+
+
+def _decoding(engine: MockEngine, prompts: list[list[int]]):
+    seqs = []
+    for i, ids in enumerate(prompts):
+        groups, first = [], None
+        for _, item in engine.prefill([PrefillWork(f"r{i}", ids, GREEDY)]):
+            if isinstance(item, KVGroup):
+                groups.append(item)
+            else:
+                first = item
+        seq = engine.begin_sequence(DecodeWork(f"r{i}", ids, GREEDY))
+        for g in groups:
+            engine.load_kv(seq, g)
+        engine.start_decoding(seq, first.token_id)
+        seqs.append(seq)
+    return seqs
+
+
+@pytest.mark.fast
+def test_mock_sleeps_the_modelled_time_group_by_group_and_step_by_step(monkeypatch):
+    p = _profile(prefill_base_s=0.01, prefill_per_token_s=0.002, prefill_per_token2_s=1e-6,
+                 decode_base_s=0.005, decode_per_seq_s=0.0003, decode_per_context_token_s=2e-7)
+    engine = MockEngine(MockEngineConfig.for_profile(p))
+    slept: list[float] = []
+    monkeypatch.setattr(mock_module.time, "sleep", slept.append)
+    ids = list(range(3, 203))
+    items = [item for _, item in engine.prefill([PrefillWork("p", ids, GREEDY)])]
+    assert len(slept) == 5 == sum(isinstance(i, KVGroup) for i in items)  # one sleep before each group goes out
+    assert sum(slept) == pytest.approx(p.prefill_s(200))
+    seqs = _decoding(engine, [list(range(3, 53)), list(range(3, 153))])
+    slept.clear()
+    engine.decode_step(seqs)
+    engine.decode_step(seqs)
+    # Context: each sequence's cache plus the token fed: 50 + 150 at the first step, 2 more at the next.
+    assert slept == pytest.approx([p.decode_step_s(2, 202), p.decode_step_s(2, 204)])
+
+
+@pytest.mark.fast
+def test_a_profile_leaves_tokens_and_kv_as_the_mock_makes_them():
+    profiled = MockEngine(MockEngineConfig.for_profile(_profile(decode_base_s=0.0001)))
+    plain = MockEngine()
+    assert profiled.spec == plain.spec
+    ids = plain.tokenizer.encode("The quick brown fox")
+    sampling = SamplingParams(max_tokens=12)
+    assert generate_colocated(profiled, ids, sampling)[:2] == generate_colocated(plain, ids, sampling)[:2]
+
+
+@pytest.mark.fast
+def test_decode_steps_cost_wall_time_not_cpu_time():
+    engine = MockEngine(MockEngineConfig.for_profile(_profile(decode_base_s=0.02, decode_per_seq_s=0.001)))
+    seqs = _decoding(engine, [list(range(3, 40))] * 4)
+    wall0, cpu0 = time.monotonic(), time.process_time()
+    for _ in range(10):
+        out = engine.decode_step(seqs)
+    wall, cpu = time.monotonic() - wall0, time.process_time() - cpu0
+    assert len(out) == 4 and all(isinstance(t, SampledToken) for t in out)
+    assert wall >= 10 * 0.024 * 0.95, wall  # the modelled time did pass: it slept ...
+    assert cpu < 0.3 * wall, (cpu, wall)     # ... and did not spin
+
+
+# ---- options ---------------------------------------------------------------------------------------
+
+@pytest.mark.fast
+def test_engine_option_builds_the_profiles_model_geometry():
+    engine = build_engine(EngineOptions(mock_profile="llama3-8b-a100-vidur"))
+    p = load_profile("llama3-8b-a100-vidur")
+    assert engine.profile == p
+    spec = engine.spec
+    assert (spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype) == (32, 8, 128, "bfloat16")
+    assert spec.kv_bytes(spec.num_layers, 1) == p.kv_bytes_per_token == 131072
+    assert spec.fingerprint != MockEngine().spec.fingerprint  # decode nodes check it against prefill's
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("opts, message", [
+    (EngineOptions(mock_profile="nope"), "no shipped mock profile 'nope'"),
+    (EngineOptions(name="torch", mock_profile="smollm2-135m-cpu-epyc2"), "mock engine option, not torch's"),
+    (EngineOptions(mock_profile="smollm2-135m-cpu-epyc2", mock_decode_cost_per_step_s=0.01), "one or the other"),
+    (EngineOptions(mock_profile="llama3-8b-a100-vidur", dtype="float32"), "differs from mock profile"),
+])
+def test_bad_mock_profile_options_are_refused_at_start(opts, message):
+    with pytest.raises(ValueError, match=message):
+        check_options(opts, "", ValueError)
+
+
+@pytest.mark.fast
+def test_config_key_and_launcher_flag(tmp_path):
+    from pdgrpc.launcher import node_command
+
+    cfg = cfgmod.from_dict({"defaults": {"mock_profile": "llama3-8b-a100-vidur"}, "prefill": [{}], "decode": [{}]})
+    assert all(n.engine.mock_profile == "llama3-8b-a100-vidur" for n in cfg.nodes)
+    cmd = node_command(cfg.nodes[0], cfg, [])
+    assert cmd[cmd.index("--mock-profile") + 1] == "llama3-8b-a100-vidur"
+    plain = cfgmod.from_dict({"prefill": [{}], "decode": [{}]})
+    assert "--mock-profile" not in node_command(plain.nodes[0], plain, [])
+    with pytest.raises(cfgmod.ConfigError, match="no shipped mock profile"):
+        cfgmod.from_dict({"defaults": {"mock_profile": "typo"}, "prefill": [{}], "decode": [{}]})
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(_raw(decode_per_seq_s=-1)))
+    with pytest.raises(cfgmod.ConfigError, match="decode_per_seq_s"):
+        cfgmod.from_dict({"defaults": {"mock_profile": str(bad)}, "prefill": [{}], "decode": [{}]})
+
+
+# ---- processes -------------------------------------------------------------------------------------
+
+@pytest.mark.e2e
+def test_node_with_a_bad_profile_refuses_to_start(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(_raw(head_dim=0)))
+    out = subprocess.run(pdgrpc_cmd("prefill", "--port", "1", "--mock-profile", str(bad)),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "head_dim" in out.stderr, out.stderr
+
+
+@pytest.mark.e2e
+def test_cluster_with_mock_profile_serves_with_the_profiles_geometry(local_cluster):
+    from pdgrpc.client import Client
+
+    lc = local_cluster(node_args=("--mock-profile", "llama3-8b-a100-vidur"))
+    prompt = "Profiles pace the mock like a GPU. " * 3
+    with Client(lc.coordinator) as client:
+        res = client.complete(prompt, max_tokens=10)
+    engine = MockEngine(MockEngineConfig.for_profile(load_profile("llama3-8b-a100-vidur")))
+    _, expected, _ = generate_colocated(engine, engine.tokenizer.encode(prompt), SamplingParams(max_tokens=10))
+    assert res.text == expected
+    assert res.final.timings.kv_groups == 6  # 32 layers in groups of 6: the profile's model, not the mock's 30
+    assert res.final.completion_tokens == 10
+
+
+@pytest.mark.fast
+def test_profile_dataclass_round_trips():
+    p = load_profile("smollm2-135m-cpu-epyc2")
+    assert MockProfile.from_dict(json.loads(p.to_json())) == p
+    assert dataclasses.replace(p, decode_base_s=0.5).decode_step_s(1, 0) == pytest.approx(0.5 + p.decode_per_seq_s)
