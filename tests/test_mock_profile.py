@@ -106,6 +106,8 @@ def test_the_two_constants_are_a_trivial_profile():
     p = MockEngine(MockEngineConfig(prefill_cost_per_token_s=0.003, decode_cost_per_step_s=0.02)).profile
     assert p.prefill_s(10) == pytest.approx(0.03) and p.prefill_s(300) == pytest.approx(0.9)
     assert p.decode_step_s(1, 50) == pytest.approx(0.02) and p.decode_step_s(16, 9000) == pytest.approx(0.02)
+    bf16 = MockEngine(MockEngineConfig(dtype="bfloat16", num_layers=12))
+    assert bf16.profile.kv_bytes_per_token == bf16.spec.kv_bytes(12, 1) == 2 * 12 * 3 * 64 * 2
 
 
 def _decoding(engine: MockEngine, prompts: list[list[int]]):

@@ -4,9 +4,10 @@ Two sources of points, one fit (least squares in relative error, numpy; a coeffi
 makes negative is dropped and the rest refitted, so every coefficient is >= 0):
 
   torch (default)  measures the torch engine on this machine: one prompt prefilled at each of
-                   --prompt-lengths (--reps times, KV packed as a prefill node does; all the allowed
-                   CPUs, like a prefill node), and decode steps of --batches sequences at each of
-                   --contexts prompt lengths (one thread, like a decode node on 2 CPUs).
+                   --prompt-lengths (--reps times, KV packed as a prefill node does), and decode steps
+                   of --batches sequences at each of --contexts prompt lengths, on --prefill-threads
+                   and --decode-threads threads (default 1 and 1: the demo's nodes, pinned to a core
+                   each; on a shared machine a 2-thread OpenMP team stalls whenever one core is taken).
   --from-vidur CSV per-operator GPU timings published by Microsoft's Vidur simulator
                    (data/profiling/compute/<gpu>/<model>/mlp.csv): one layer = the operators Vidur's
                    ExecutionTime adds for a block outside the attention kernels (norms, QKV and O
@@ -91,7 +92,7 @@ def measure_torch(args) -> tuple[dict, list, list, str]:
     load0 = os.getloadavg()[0]
     greedy = SamplingParams(max_tokens=1 << 20, ignore_eos=True)
     cpus = len(os.sched_getaffinity(0))
-    e = build_engine(EngineOptions(name="torch", model=args.model, dtype=args.dtype, threads=cpus,
+    e = build_engine(EngineOptions(name="torch", model=args.model, dtype=args.dtype, threads=args.prefill_threads,
                                    max_batch=max(args.batches)))
 
     def prompt(length: int, salt: int) -> list[int]:
@@ -141,8 +142,8 @@ def measure_torch(args) -> tuple[dict, list, list, str]:
                 "dtype": spec.dtype}
     load = os.getloadavg()[0]
     source = (f"measured here with tools/calibrate_mock_profile.py on {datetime.date.today().isoformat()}, "
-              f"{cpu_name()}, {cpus} CPUs, torch {torch.__version__}: prefill with {cpus} threads, decode with "
-              f"{args.decode_threads}, like the nodes; 1-minute load average {load0:.1f} at the start, "
+              f"{cpu_name()}, {cpus} CPUs, torch {torch.__version__}: prefill on {args.prefill_threads} thread(s), "
+              f"decode on {args.decode_threads}; 1-minute load average {load0:.1f} at the start, "
               f"{load:.1f} at the end (a shared machine: other work slows what is measured)")
     return geometry, prefill_points, decode_points, source
 
@@ -173,6 +174,7 @@ def main() -> int:
     ap.add_argument("--contexts", type=int, nargs="+", default=[32, 512])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--prefill-threads", type=int, default=1)
     ap.add_argument("--decode-threads", type=int, default=1)
     ap.add_argument("--from-vidur", default="", help="fit Vidur's published mlp.csv instead of measuring")
     ap.add_argument("--vidur-citation", default="", help="--from-vidur: where the file came from (repo, path, commit)")
@@ -221,10 +223,17 @@ def main() -> int:
     else:
         t0 = time.monotonic()
         geometry, prefill_points, decode_points, source = measure_torch(args)
-        coef, errors = fit_profile(prefill_points, decode_points)
+        # Other work on the machine only ever adds time: the fastest of the repeats is the cost.
+        prefill_fit = [(n, min(t for m, t in prefill_points if m == n)) for n in args.prompt_lengths]
+        decode_fit = []
+        for i in range(0, len(decode_points), args.steps):
+            run = decode_points[i:i + args.steps]
+            decode_fit.append((run[0][0], round(statistics.mean(c for _, c, _ in run)), min(t for *_, t in run)))
+        coef, errors = fit_profile(prefill_fit, decode_fit)
         model = "SmolLM2-135M-Instruct (torch engine)" if not args.model else args.model
         measurements = {
-            "prefill_s_by_tokens": {str(n): round(statistics.median(t for m, t in prefill_points if m == n), 6)
+            "fitted": "the fastest of each prompt length's --reps prefills and of each decode batch's --steps steps",
+            "prefill_s_by_tokens": {str(n): [round(t, 6) for m, t in prefill_points if m == n]
                                     for n in args.prompt_lengths},
             "decode_step_s": [[b, c, round(t, 6)] for b, c, t in decode_points],
             "decode_step_s_columns": ["batch", "context_tokens", "seconds"],

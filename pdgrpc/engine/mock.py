@@ -107,7 +107,9 @@ class MockEngine(Engine):
             eos_token_ids=(_EOS,),
         )
         self.tokenizer = ByteTokenizer()
-        self.profile = c.profile or MockProfile.constant(c.prefill_cost_per_token_s, c.decode_cost_per_step_s)
+        self.profile = c.profile or MockProfile.constant(
+            c.prefill_cost_per_token_s, c.decode_cost_per_step_s,
+            num_layers=c.num_layers, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=c.dtype)
 
     # ---- KV content -----------------------------------------------------------------------
 

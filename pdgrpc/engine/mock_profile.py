@@ -113,10 +113,12 @@ class MockProfile:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
 
     @classmethod
-    def constant(cls, prefill_per_token_s: float = 0.0, decode_per_step_s: float = 0.0) -> "MockProfile":
-        """The trivial profile of the mock's two constants, on the mock's default geometry."""
+    def constant(cls, prefill_per_token_s: float = 0.0, decode_per_step_s: float = 0.0,
+                 **geometry: Any) -> "MockProfile":
+        """The trivial profile of the mock's two constants, on the given geometry (default: the mock's)."""
         return cls(name="constant", model="mock", hardware="none", source="the mock's cost constants",
-                   prefill_per_token_s=prefill_per_token_s, decode_base_s=decode_per_step_s, **_MOCK_GEOMETRY)
+                   prefill_per_token_s=prefill_per_token_s, decode_base_s=decode_per_step_s,
+                   **{**_MOCK_GEOMETRY, **geometry})
 
     @classmethod
     def from_dict(cls, raw: Any, where: str = "profile") -> "MockProfile":
