@@ -14,8 +14,8 @@ from conftest import pdgrpc_cmd
 
 from pdgrpc import config as cfgmod
 from pdgrpc.engine import mock as mock_module
-from pdgrpc.engine.base import DecodeWork, EngineOptions, KVGroup, PrefillWork, SampledToken
-from pdgrpc.engine.colocated import generate_colocated
+from pdgrpc.engine.base import EngineOptions, KVGroup, PrefillWork, SampledToken
+from pdgrpc.engine.colocated import generate_colocated, prefill_in_memory, start_sequence
 from pdgrpc.engine.mock import MockEngine, MockEngineConfig
 from pdgrpc.engine.mock_profile import MockProfile, ProfileError, load_profile, shipped_profiles
 from pdgrpc.engine.registry import build_engine, check_options
@@ -111,20 +111,8 @@ def test_the_two_constants_are_a_trivial_profile():
 
 
 def _decoding(engine: MockEngine, prompts: list[list[int]]):
-    seqs = []
-    for i, ids in enumerate(prompts):
-        groups, first = [], None
-        for _, item in engine.prefill([PrefillWork(f"r{i}", ids, GREEDY)]):
-            if isinstance(item, KVGroup):
-                groups.append(item)
-            else:
-                first = item
-        seq = engine.begin_sequence(DecodeWork(f"r{i}", ids, GREEDY))
-        for g in groups:
-            engine.load_kv(seq, g)
-        engine.start_decoding(seq, first.token_id)
-        seqs.append(seq)
-    return seqs
+    return [start_sequence(engine, f"r{i}", ids, GREEDY, *prefill_in_memory(engine, f"r{i}", ids, GREEDY))
+            for i, ids in enumerate(prompts)]
 
 
 @pytest.mark.fast
@@ -243,3 +231,25 @@ def test_profile_dataclass_round_trips():
     p = load_profile("smollm2-135m-cpu-epyc2")
     assert MockProfile.from_dict(json.loads(p.to_json())) == p
     assert dataclasses.replace(p, decode_base_s=0.5).decode_step_s(1, 0) == pytest.approx(0.5 + p.decode_per_seq_s)
+
+
+@pytest.mark.fast
+def test_calibration_fit_recovers_known_coefficients_and_keeps_them_nonnegative():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "tools" / "calibrate_mock_profile.py"
+    spec = importlib.util.spec_from_file_location("calibrate_mock_profile", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    truth = _profile(prefill_base_s=0.02, prefill_per_token_s=0.001, prefill_per_token2_s=2e-6,
+                     decode_base_s=0.03, decode_per_seq_s=0.002, decode_per_context_token_s=1e-5)
+    prefill = [(n, truth.prefill_s(n)) for n in (16, 64, 256, 512, 1024)]
+    decode = [(b, c, truth.decode_step_s(b, c)) for b in (1, 4, 16) for c in (b * 32, b * 900)]
+    coef, errors = tool.fit_profile(prefill, decode)
+    for key, value in coef.items():
+        assert value == pytest.approx(getattr(truth, key), rel=1e-3), key
+    assert max(errors.values()) < 1e-3
+    # Times that fall with the batch: the negative slope is dropped, not shipped.
+    coef, _ = tool.fit_profile(prefill, [(1, 10, 0.05), (2, 20, 0.045), (4, 40, 0.04), (8, 80, 0.035)])
+    assert min(coef.values()) >= 0

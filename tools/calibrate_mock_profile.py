@@ -85,7 +85,8 @@ def cpu_name() -> str:
 def measure_torch(args) -> tuple[dict, list, list, str]:
     import torch
 
-    from pdgrpc.engine.base import DecodeWork, EngineOptions, KVGroup, PrefillWork
+    from pdgrpc.engine.base import EngineOptions
+    from pdgrpc.engine.colocated import prefill_in_memory, start_sequence
     from pdgrpc.engine.registry import build_engine
     from pdgrpc.types import SamplingParams
 
@@ -96,16 +97,10 @@ def measure_torch(args) -> tuple[dict, list, list, str]:
                                    max_batch=max(args.batches)))
 
     def prompt(length: int, salt: int) -> list[int]:
-        return [(7 + 131 * k + 977 * salt) % 49000 + 3 for k in range(length)]
+        return [(7 + 131 * k + 977 * salt) % (e.spec.vocab_size - 3) + 3 for k in range(length)]
 
     def prefill(ids: list[int]):
-        groups, first = [], None
-        for _, item in e.prefill([PrefillWork("c", ids, greedy)]):
-            if isinstance(item, KVGroup):
-                groups.append(item)
-            elif item is not None:
-                first = item
-        return groups, first
+        return prefill_in_memory(e, "c", ids, greedy)
 
     prefill(prompt(32, 0))  # warm
     prefill_points = []
@@ -120,12 +115,7 @@ def measure_torch(args) -> tuple[dict, list, list, str]:
         seqs = []
         for i in range(max(args.batches)):
             ids = prompt(context, i)
-            groups, first = prefill(ids)
-            seq = e.begin_sequence(DecodeWork(f"s{i}", ids, greedy))
-            for g in groups:
-                e.load_kv(seq, g)
-            e.start_decoding(seq, first.token_id)
-            seqs.append(seq)
+            seqs.append(start_sequence(e, f"s{i}", ids, greedy, *prefill(ids)))
         for batch in args.batches:
             live = seqs[:batch]
             e.decode_step(live)  # the batch of this size in place before timing
