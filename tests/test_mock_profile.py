@@ -8,6 +8,7 @@ import dataclasses
 import json
 import subprocess
 import time
+import types
 
 import pytest
 from conftest import pdgrpc_cmd
@@ -121,7 +122,15 @@ def test_mock_sleeps_the_modelled_time_group_by_group_and_step_by_step(monkeypat
                  decode_base_s=0.005, decode_per_seq_s=0.0003, decode_per_context_token_s=2e-7)
     engine = MockEngine(MockEngineConfig.for_profile(p))
     slept: list[float] = []
-    monkeypatch.setattr(mock_module.time, "sleep", slept.append)
+    clock = [100.0]
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock[0] += seconds
+
+    # A clock that only sleeping moves: the mock's own work takes no time, so it sleeps all of the model.
+    monkeypatch.setattr(mock_module, "time", types.SimpleNamespace(monotonic=lambda: clock[0], sleep=sleep,
+                                                                    time_ns=time.time_ns))
     ids = list(range(3, 203))
     items = [item for _, item in engine.prefill([PrefillWork("p", ids, GREEDY)])]
     assert len(slept) == 5 == sum(isinstance(i, KVGroup) for i in items)  # one sleep before each group goes out
@@ -132,6 +141,47 @@ def test_mock_sleeps_the_modelled_time_group_by_group_and_step_by_step(monkeypat
     engine.decode_step(seqs)
     # Context: each sequence's cache plus the token fed: 50 + 150 at the first step, 2 more at the next.
     assert slept == pytest.approx([p.decode_step_s(2, 202), p.decode_step_s(2, 204)])
+
+
+@pytest.mark.fast
+def test_work_between_groups_counts_toward_the_modelled_time(monkeypatch):
+    # The node publishes a group while the engine computes the next one, as on a GPU: time the caller
+    # spends between two groups is not added to the model's.
+    engine = MockEngine(MockEngineConfig.for_profile(_profile(prefill_per_token_s=0.001)))
+    clock, slept = [0.0], []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock[0] += seconds
+
+    monkeypatch.setattr(mock_module, "time", types.SimpleNamespace(monotonic=lambda: clock[0], sleep=sleep,
+                                                                    time_ns=time.time_ns))
+    group = 0.3 / 5  # 300 tokens at 1 ms, 5 groups
+    for _ in engine.prefill([PrefillWork("p", list(range(3, 303)), GREEDY)]):
+        clock[0] += group / 4  # the caller's work on each item
+    assert slept[0] == pytest.approx(group) and slept[1:] == pytest.approx([group * 3 / 4] * 4)
+    assert clock[0] == pytest.approx(0.3 + 2 * group / 4)  # the model's 0.3 s, then the caller on the last two items
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_mock_kv_values_are_the_documented_function_of_token_position_layer_kind_head(dtype):
+    import numpy as np
+
+    engine = MockEngine(MockEngineConfig(dtype=dtype, num_layers=8, num_kv_heads=4, head_dim=32))
+    ids = [5, 300, 49000, 77]
+    kv = engine._kv_array(ids, 2, 7, first_position=10)  # [layer][k|v][head][token][dim]
+    expected = np.empty((5, 2, 4, 4, 32), dtype=np.float32)
+    for li, layer in enumerate(range(2, 7)):
+        for kind in range(2):
+            for head in range(4):
+                for t, tok in enumerate(ids):
+                    v = np.float32((tok * 131 + (10 + t) * 7 + layer * 17 + kind * 3 + head) % 1009) / np.float32(1009)
+                    expected[li, kind, head, t] = v + np.arange(32, dtype=np.float32) / np.float32(4096)
+    want = {"float32": expected, "float16": expected.astype(np.float16),
+            "bfloat16": (expected.view(np.uint32) >> 16).astype(np.uint16)}[dtype]
+    assert kv.dtype == want.dtype and kv.tobytes() == want.tobytes()
+    assert engine._kv_array(ids, 2, 7, 10, 16).tobytes() == want[..., ::16].tobytes()  # what the digest reads
 
 
 @pytest.mark.fast

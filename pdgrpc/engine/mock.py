@@ -5,8 +5,9 @@ configured shape, a deterministic function of the prompt; the tokens it generate
 CRC of the whole KV cache, so a decode node that loaded wrong or partial KV produces different
 text than the colocated run. Costs are slept, never spun: a cost model (``mock_profile``, see
 pdgrpc.engine.mock_profile: prefill time by prompt length, decode step time by batch size and
-context, the model's KV geometry) or the two constants (sleep per prompt token and per decode step),
-which let control-plane tests and load tests shape the timing.
+context, the model's KV geometry) or the two constants (per prompt token and per decode step),
+which let control-plane tests and load tests shape the timing. The mock sleeps until each KV group's
+or step's modelled time, so its own work counts toward it.
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ class MockEngine(Engine):
             eos_token_ids=(_EOS,),
         )
         self.tokenizer = ByteTokenizer()
+        self._kv_tables: dict[int, np.ndarray] = {}  # see _kv_rows
         self.profile = c.profile or MockProfile.constant(
             c.prefill_cost_per_token_s, c.decode_cost_per_step_s,
             num_layers=c.num_layers, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=c.dtype)
@@ -124,13 +126,23 @@ class MockEngine(Engine):
         kind = np.arange(2, dtype=np.int64)[None, :, None, None]
         head = np.arange(c.num_kv_heads, dtype=np.int64)[None, None, :, None]
         base = (ids * 131 + pos * 7)[None, None, None, :] + layer * 17 + kind * 3 + head
-        vals = (base % 1009).astype(np.float32) / 1009.0
-        arr = vals[..., None] + np.arange(c.head_dim, dtype=np.float32)[::dim_step] / 4096.0  # [L, 2, H, T, D]
-        if c.dtype == "float16":
-            return arr.astype(np.float16)
-        if c.dtype == "bfloat16":
-            return (arr.view(np.uint32) >> 16).astype(np.uint16)
-        return arr
+        return self._kv_rows(dim_step)[base % 1009]  # [L, 2, H, T, D]
+
+    def _kv_rows(self, dim_step: int):
+        """Row v: the dims of a KV vector whose (token, position, layer, K/V, head) give v = base % 1009,
+        v / 1009 + dim / 4096 in the KV dtype. A vector depends on nothing else, so KV is a gather from
+        these 1009 rows: one pass over the output instead of several (a Llama-3-8B prompt's KV is
+        128 KiB a token; computing it value by value cost 13x the GPU profile's prefill time in CPU)."""
+        table = self._kv_tables.get(dim_step)
+        if table is None:
+            vals = np.arange(1009, dtype=np.int64).astype(np.float32) / 1009.0
+            arr = vals[:, None] + np.arange(self.config.head_dim, dtype=np.float32)[::dim_step] / 4096.0
+            if self.config.dtype == "float16":
+                arr = arr.astype(np.float16)
+            elif self.config.dtype == "bfloat16":
+                arr = (arr.view(np.uint32) >> 16).astype(np.uint16)
+            table = self._kv_tables[dim_step] = arr
+        return table
 
     def kv_bytes(self, token_ids: list[int], layer_start: int, layer_end: int) -> bytes:
         return self._kv_array(token_ids, layer_start, layer_end).tobytes()
@@ -173,15 +185,18 @@ class MockEngine(Engine):
             parts = []
             groups = range(0, c.num_layers, c.layers_per_group)
             group_cost = self.profile.prefill_s(len(ids)) / len(groups)
-            for start in groups:
+            t0 = time.monotonic()
+            for i, start in enumerate(groups):
                 if work.cancelled.is_set():
                     break
                 end = min(start + c.layers_per_group, c.num_layers)
-                if group_cost:
-                    time.sleep(group_cost)
                 kv = self._kv_array(ids, start, end)
                 parts.append(self._sampled(kv))
-                yield index, KVGroup(start, end, 0, len(ids), kv.tobytes())
+                data = kv.tobytes()
+                # Group i goes out at its modelled time from the prompt's start: the mock's own work
+                # (and the node's, while this generator waits) is part of it, as a GPU's would overlap.
+                self._sleep_until(t0 + (i + 1) * group_cost)
+                yield index, KVGroup(start, end, 0, len(ids), data)
             else:
                 digest = self._digest(np.concatenate(parts))
                 s = work.sampling
@@ -215,10 +230,14 @@ class MockEngine(Engine):
         seq.last_token = first_token_id
         seq.position = len(seq.work.prompt_token_ids)  # position of last_token
 
+    @staticmethod
+    def _sleep_until(deadline: float) -> None:
+        left = deadline - time.monotonic()
+        if left > 0:
+            time.sleep(left)
+
     def decode_step(self, seqs: list[_MockSequence]) -> list[SampledToken]:
-        cost = self.profile.decode_step_s(len(seqs), sum(seq.position + 1 for seq in seqs))
-        if cost:
-            time.sleep(cost)
+        deadline = time.monotonic() + self.profile.decode_step_s(len(seqs), sum(seq.position + 1 for seq in seqs))
         out = []
         for seq in seqs:
             s = seq.work.sampling
@@ -227,6 +246,7 @@ class MockEngine(Engine):
             seq.position += 1
             seq.last_token = self._next_token(seq.digest, seq.position, s.seed, s.temperature)
             out.append(SampledToken(seq.last_token))
+        self._sleep_until(deadline)  # the step takes its modelled time, the mock's own work included
         return out
 
     def free_sequence(self, seq: _MockSequence) -> None:
