@@ -2,12 +2,13 @@
 
 A profile is a JSON file (shipped ones in ``pdgrpc/engine/profiles/``, chosen by name with
 ``--mock-profile NAME`` or ``mock_profile = "NAME"``; any other value is a path). The mock sleeps
-what the profile says, so a node costs wall time, not CPU, and a 2-core box runs 8-16 mock nodes
+what the profile says, so a node costs wall time, not CPU, and a 2-core box runs many mock nodes
 that pace like GPU nodes: prefill's KV groups go out at their share of the modelled prefill time
 from the prompt's start, a decode step returns at its modelled time from its start, and the mock's
-own work (making the KV bytes: ~80 ms of CPU for a 512-token Llama-3-8B prompt's 64 MiB here, more
-than the A100 profile's 38 ms) and the node's between two groups count toward it, as a GPU's
-compute would overlap them. Times are in seconds:
+own work and the node's between two groups count toward it, as a GPU's compute would overlap them.
+Making the KV bytes is real work, though: 80-100 ms of CPU here for a 512-token Llama-3-8B prompt's
+64 MiB, more than the A100 profile's 38 ms, so prefill with that profile is CPU-bound and slower
+than modelled (decode is not: ~1 ms of CPU per 16-sequence step). Times are in seconds:
 
   prefill of one prompt of n tokens  = prefill_base_s + prefill_per_token_s * n + prefill_per_token2_s * n**2
   decode step of a batch of B seqs   = decode_base_s + decode_per_seq_s * B
