@@ -47,21 +47,32 @@ EXACTNESS_TEXTS = [
 EXACTNESS_MAX_TOKENS = 12
 
 
+def _base_ports(base: int) -> list[int]:
+    ports = [base, base + 1, base + 2, *range(base + 10, base + 20), *range(base + 40, base + 50),
+             *range(base + 70, base + 80)]
+    return ports + [p + 1000 for p in ports]
+
+
 def free_port_base() -> int:
     """A base whose derived ports (see pdgrpc.config; +1000 for metrics) are all free and not handed
-    to another cluster of this test run, even one still starting in another thread. Bases stay below
-    the kernel's ephemeral range (32768+), where other programs' outgoing ports land."""
-    for _ in range(500):
-        base = random.randrange(20000, 31000, 100)
-        ports = [base, base + 1, base + 2, *range(base + 10, base + 20), *range(base + 40, base + 50),
-                 *range(base + 70, base + 80)]
-        ports += [p + 1000 for p in ports]
+    to another cluster of this test run, even one still starting in another thread (until
+    ``release_port_base``: a run starts more clusters than the range holds at once). Bases stay
+    below the kernel's ephemeral range (32768+), where other programs' outgoing ports land."""
+    for _ in range(1000):
+        base = random.randrange(10000, 31600, 100)
+        ports = _base_ports(base)
         with _reserve_lock:
             if _reserved_ports.intersection(ports) or not all(port_free(p) for p in ports):
                 continue
             _reserved_ports.update(ports)
         return base
     raise RuntimeError("no free port range")
+
+
+def release_port_base(base: int) -> None:
+    """Its ports may go to another cluster (call once every process that used them has exited)."""
+    with _reserve_lock:
+        _reserved_ports.difference_update(_base_ports(base))
 
 
 class Proc:
@@ -160,6 +171,7 @@ class LocalCluster:
     def stop(self) -> None:
         for name in reversed(list(self.procs)):
             self.procs[name].stop()
+        release_port_base(self.base)
 
 
 def start_local_cluster(tmp_path, prefill: int = 1, decode: int = 1, node_args: tuple[str, ...] = (),
