@@ -17,7 +17,8 @@ is False, the node logs a warning, sets ``pdgrpc_engine_batch_invariant`` to 0 a
 in its NodeInfo; exactness tests assert it first, so they fail saying why instead of passing by luck.
 
 The choice is cached per machine (CPU model and flags, torch version, MKL dispatch, dtype, shapes)
-under ``$PDGRPC_KERNEL_PLAN_DIR`` (default ``~/.cache/pdgrpc/kernel-plans``; "off": no cache), with a
+under ``$PDGRPC_KERNEL_PLAN_DIR`` (default ``$XDG_CACHE_HOME`` or ``~/.cache``, then
+``pdgrpc/kernel-plans``; "off": no cache), with a
 file lock: nodes of one host make the same choice, whatever the noise of their own timing, since
 kernels differ in their bits and disaggregated must equal colocated. The check of step 2 runs at
 every load, cached or not; a cached plan that fails it is measured again.
@@ -267,7 +268,8 @@ def plan_dir() -> str | None:
     where = os.environ.get("PDGRPC_KERNEL_PLAN_DIR", "")
     if where == "off":
         return None
-    return where or os.path.join(os.path.expanduser("~"), ".cache", "pdgrpc", "kernel-plans")
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return where or os.path.join(cache, "pdgrpc", "kernel-plans")  # the systemd units set XDG_CACHE_HOME
 
 
 def plan_key(dtype: torch.dtype, device: torch.device, shapes: list[str], forced: str) -> str:
