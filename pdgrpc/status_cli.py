@@ -1,7 +1,9 @@
 """`pdgrpc status --coordinator ADDR`: the membership as that coordinator sees it, one row per node.
 
 Columns: name, role, host, gRPC address, KV store, health, requests running and queued on the node
-(its own last report), requests the coordinator has on it, KV bytes it holds. From the coordinator's
+(its own last report), requests the coordinator has on it, KV bytes it holds, and whether its engine
+checked its kernels batch-invariant at load ("yes", "NO": its greedy output may differ from
+colocated, the node's log says why; "-": not checked by that engine). From the coordinator's
 GetClusterStatus RPC; ``--json`` prints the same as one JSON object.
 """
 
@@ -15,7 +17,7 @@ from pdgrpc.client import Client
 from pdgrpc.errors import PdgrpcError
 from pdgrpc.types import ClusterStatus
 
-COLUMNS = ("NAME", "ROLE", "HOST", "ADDRESS", "STORE", "HEALTH", "RUNNING", "QUEUED", "INFLIGHT", "KV")
+COLUMNS = ("NAME", "ROLE", "HOST", "ADDRESS", "STORE", "HEALTH", "RUNNING", "QUEUED", "INFLIGHT", "KV", "INVARIANT")
 
 
 def add_arguments(parser) -> None:
@@ -34,6 +36,12 @@ def human_bytes(n: int) -> str:
     return str(n)
 
 
+def _invariant(info) -> str:
+    if info is None or info.batch_invariant is None:
+        return "-"
+    return "yes" if info.batch_invariant else "NO"
+
+
 def table(status: ClusterStatus) -> str:
     rows = [COLUMNS]
     for n in sorted(status.nodes, key=lambda n: (n.role.value, n.name)):
@@ -41,7 +49,7 @@ def table(status: ClusterStatus) -> str:
         rows.append((n.name, n.role.value, n.host or "-", n.address, n.store_address or status.store_address,
                      n.health.value, str(info.running_requests) if info else "-",
                      str(info.queued_requests) if info else "-", str(n.inflight_requests),
-                     human_bytes(info.kv_cache_bytes) if info else "-"))
+                     human_bytes(info.kv_cache_bytes) if info else "-", _invariant(info)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     lines.append(f"{len(status.nodes)} nodes; coordinator has {status.inflight_requests} requests in flight; "

@@ -418,3 +418,16 @@ async def test_decode_scheduler_starts_a_sequence_in_its_first_steps_call_and_fa
     finally:
         await scheduler.stop()
         thread.shutdown()
+
+
+def test_status_table_says_which_nodes_are_batch_invariant():
+    from pdgrpc.status_cli import table
+    from pdgrpc.types import ClusterStatus, ModelSpec, NodeHealth, NodeInfo, NodeStatus, Role
+
+    spec = ModelSpec("m", "fp", 2, 1, 8, "float32", 512, 64, "torch")
+    nodes = tuple(NodeStatus(name, Role.DECODE, f"127.0.0.1:{port}", NodeHealth.SERVING, 0,
+                             NodeInfo(name, Role.DECODE, spec, 0, 0, 8, invariant, "detail"), 0.1)
+                  for name, port, invariant in (("d-ok", 1, True), ("d-bad", 2, False), ("d-mock", 3, None)))
+    lines = table(ClusterStatus(nodes, "127.0.0.1:9", 0)).splitlines()
+    assert lines[0].split()[-1] == "INVARIANT"
+    assert {line.split()[0]: line.split()[-1] for line in lines[1:-1]} == {"d-ok": "yes", "d-bad": "NO", "d-mock": "-"}
