@@ -36,7 +36,8 @@ def main() -> int:
 
     import torch
 
-    from pdgrpc.engine.base import DecodeWork, EngineOptions, KVGroup, PrefillWork
+    from pdgrpc.engine.base import EngineOptions
+    from pdgrpc.engine.colocated import prefill_in_memory, start_sequence
     from pdgrpc.engine.registry import build_engine
     from pdgrpc.engine.torch_linear import kernel_unavailable
     from pdgrpc.types import SamplingParams
@@ -56,27 +57,15 @@ def main() -> int:
 
     def prefill(e, ids):
         t0 = time.perf_counter()
-        first = None
-        for _, item in e.prefill([PrefillWork("b", ids, greedy)]):
-            if item is not None and not isinstance(item, KVGroup):
-                first = item
-        return time.perf_counter() - t0, first
+        prefill_in_memory(e, "b", ids, greedy)
+        return time.perf_counter() - t0
 
     def sequences(e, n):
         seqs = []
         for i in range(n):
             ids = [(11 + 37 * (i + 1) * k) % 49000 + 3 for k in range(40 + i)]
-            groups = []
-            for _, item in e.prefill([PrefillWork("s", ids, greedy)]):
-                if isinstance(item, KVGroup):
-                    groups.append(item)
-                elif item is not None:
-                    first = item
-            seq = e.begin_sequence(DecodeWork(f"s{i}", ids, greedy))
-            for g in groups:
-                e.load_kv(seq, g)
-            e.start_decoding(seq, first.token_id)
-            seqs.append(seq)
+            groups, first = prefill_in_memory(e, f"s{i}", ids, greedy)
+            seqs.append(start_sequence(e, f"s{i}", ids, greedy, groups, first))
         return seqs
 
     ids = [(7 + 131 * k) % 49000 + 3 for k in range(args.prompt_tokens)]
@@ -84,7 +73,7 @@ def main() -> int:
     live = {key: {1: sequences(e, 1), 8: sequences(e, 8)} for key, e in engines.items()}
     for _ in range(args.rounds):
         for key, e in engines.items():
-            results[key]["prefill"].append(prefill(e, ids)[0])
+            results[key]["prefill"].append(prefill(e, ids))
             for n in (1, 8):
                 e.decode_step(live[key][n])  # the batch of this size in place before timing
                 t0 = time.perf_counter()

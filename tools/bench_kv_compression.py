@@ -54,7 +54,8 @@ def main() -> int:
     ap.add_argument("--json", default="")
     args = ap.parse_args()
 
-    from pdgrpc.engine.base import DecodeWork, EngineOptions, KVGroup, PrefillWork
+    from pdgrpc.engine.base import EngineOptions, KVGroup
+    from pdgrpc.engine.colocated import prefill_in_memory, start_sequence
     from pdgrpc.engine.registry import build_engine
     from pdgrpc.transfer import compression as kvc
     from pdgrpc.types import SamplingParams
@@ -73,20 +74,11 @@ def main() -> int:
     firsts = []
     for i, text in enumerate(texts):
         ids = engine.tokenizer.encode(text)
-        groups, first = [], None
-        for _, item in engine.prefill([PrefillWork(f"p{i}", ids, sampling)]):
-            if isinstance(item, KVGroup):
-                groups.append(KVGroup(item.layer_start, item.layer_end, item.token_start, item.token_end,
-                                      bytes(item.data)))
-            elif item is not None:
-                first = item
+        groups, first = prefill_in_memory(engine, f"p{i}", ids, sampling)
         firsts.append((len(ids), first.token_id))
         for compressed in (False, True):
-            seq = engine.begin_sequence(DecodeWork(f"p{i}-{compressed}", ids, sampling))
-            for g in groups:
-                engine.load_kv(seq, squeeze(g) if compressed else g)
-            engine.start_decoding(seq, first.token_id)
-            runs.append((i, compressed, seq))
+            kv = [squeeze(g) for g in groups] if compressed else groups
+            runs.append((i, compressed, start_sequence(engine, f"p{i}-{compressed}", ids, sampling, kv, first)))
     outputs: dict[tuple[int, bool], list[tuple[int, float]]] = {(i, c): [] for i, c, _ in runs}
     for start in range(0, len(runs), 32):
         batch = runs[start:start + 32]
@@ -111,8 +103,7 @@ def main() -> int:
 
     # Speed on one long prompt's KV (all layers in one group, as a short-prompt hand-off).
     ids = engine.tokenizer.encode(" ".join(texts) * 4)[:1000]
-    raw = b"".join(bytes(item.data) for _, item in engine.prefill([PrefillWork("speed", ids, sampling)])
-                   if isinstance(item, KVGroup))
+    raw = b"".join(bytes(g.data) for g in prefill_in_memory(engine, "speed", ids, sampling)[0])
     layers, tokens = spec.num_layers, len(ids)
     per_group = len(raw) // layers  # bytes of one layer
     reps_c, reps_d = [], []

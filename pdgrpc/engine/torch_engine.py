@@ -373,8 +373,8 @@ class TorchEngine(Engine):
             raise InvalidArgument(f"token id {bad} outside the vocabulary [0, {v})")
 
     def warm_up(self) -> None:
-        """One prefill and decode step, then the whole model's batch invariance (``check_batched_decode``)."""
-        self._decode_alone_and_batched([8], steps=1)
+        """The first prefills and decode steps, which check the whole model's batch invariance too
+        (``check_batched_decode``)."""
         why = self.check_batched_decode()
         if why is not None:
             self.batch_invariant = False
@@ -389,15 +389,16 @@ class TorchEngine(Engine):
         steps alone, then together, must get the same tokens and logprobs to the bit: attention,
         norms and sampling included, on whatever device. None when they do, else what differed."""
         lengths = [5, 17, 40]
-        alone = [self._decode_alone_and_batched([n], steps=2)[0] for n in lengths]
-        together = self._decode_alone_and_batched(lengths, steps=2)
+        alone = [self._decode_in_one_batch([n], steps=2)[0] for n in lengths]
+        together = self._decode_in_one_batch(lengths, steps=2)
         for n, a, b in zip(lengths, alone, together):
             if a != b:
                 return f"a {n}-token sequence decoded {a} alone, {b} beside sequences of other lengths"
         return None
 
-    def _decode_alone_and_batched(self, lengths: list[int], steps: int) -> list[list[tuple[int, float]]]:
+    def _decode_in_one_batch(self, lengths: list[int], steps: int) -> list[list[tuple[int, float]]]:
         """Prefill prompts of these lengths, decode them in one batch for ``steps``; (token, logprob) each."""
+        from pdgrpc.engine.colocated import prefill_in_memory, start_sequence
         from pdgrpc.types import SamplingParams
 
         sampling = SamplingParams(max_tokens=steps + 1, ignore_eos=True)
@@ -405,18 +406,8 @@ class TorchEngine(Engine):
         try:
             for j, n in enumerate(lengths):
                 ids = [(1 + 37 * i + 101 * n) % self.spec.vocab_size for i in range(n)]  # same prompt alone or not
-                groups, first = [], None
-                for _, item in self.prefill([PrefillWork(f"check-{j}", ids, sampling)]):
-                    if isinstance(item, KVGroup):
-                        groups.append(item)
-                    elif item is not None:  # None: a chunk boundary
-                        first = item
-                assert first is not None
-                seq = self.begin_sequence(DecodeWork(f"check-{j}", ids, sampling))
-                seqs.append(seq)
-                for g in groups:
-                    self.load_kv(seq, g)
-                self.start_decoding(seq, first.token_id)
+                groups, first = prefill_in_memory(self, f"check-{j}", ids, sampling)
+                seqs.append(start_sequence(self, f"check-{j}", ids, sampling, groups, first))
             out: list[list[tuple[int, float]]] = [[] for _ in seqs]
             for _ in range(steps):
                 for o, t in zip(out, self.decode_step(seqs)):
